@@ -1,0 +1,28 @@
+# Sourced by the scripts: one place for the build cache and the system packages.
+# A target dir outside the clone survives fresh clones (CI builds in a new folder each time).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/ditrun/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+# Debian packages the build and tests use: a C toolchain for aws-lc-sys (TLS for
+# object stores and downloads), pkg-config for -sys crates.
+SYSTEM_PACKAGES=(build-essential pkg-config)
+
+install_system_packages() {
+    local missing=()
+    for package in "${SYSTEM_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$package")
+    done
+    if ((${#missing[@]})); then
+        echo "installing ${missing[*]}" >&2
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "cargo not found: install Rust from rustup first" >&2
+        return 1
+    fi
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs ditrun's test suite on a fresh machine: installs what the tests need, then `cargo test`.
+# The parity tests read ../shared/reference (or $DITRUN_REFERENCE_DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+install_system_packages
+cargo test --locked "$@"

@@ -1,0 +1,92 @@
+//! Which burn backend runs the tensors. CPU backends are cargo features (see the README's
+//! measurements for why flex is the default); CUDA is behind the `cuda` feature so that CPU
+//! builds carry no GPU code.
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// burn-flex: burn 0.21's native CPU backend (gemm crate matmuls).
+    Flex,
+    /// burn-ndarray (matrixmultiply, or OpenBLAS with the `blas` feature).
+    Ndarray,
+    /// burn-candle on the CPU.
+    Candle,
+    /// burn-cuda on GPU 0 of this process (the launcher sets CUDA_VISIBLE_DEVICES per rank).
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn compiled_in(self) -> bool {
+        match self {
+            BackendKind::Flex => cfg!(feature = "flex"),
+            BackendKind::Ndarray => cfg!(feature = "ndarray"),
+            BackendKind::Candle => cfg!(feature = "candle"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The GPU when built with one, else the fastest CPU backend measured (README).
+    pub fn preferred() -> Self {
+        [BackendKind::Cuda, BackendKind::Flex, BackendKind::Ndarray, BackendKind::Candle]
+            .into_iter()
+            .find(|kind| kind.compiled_in())
+            .expect("at least one backend feature is enabled")
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Flex => "flex",
+            BackendKind::Ndarray => "ndarray",
+            BackendKind::Candle => "candle",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// Runs `$body` with the type alias `$B` bound to the backend selected by `$kind` (a
+/// [`BackendKind`]); a backend that is not compiled in yields a `crate::Error::Config`.
+#[macro_export]
+macro_rules! with_backend {
+    ($kind:expr, $B:ident => $body:expr) => {{
+        #[allow(unreachable_patterns)]
+        match $kind {
+            #[cfg(feature = "flex")]
+            $crate::backend::BackendKind::Flex => {
+                type $B = burn::backend::Flex;
+                $body
+            }
+            #[cfg(feature = "ndarray")]
+            $crate::backend::BackendKind::Ndarray => {
+                type $B = burn::backend::NdArray;
+                $body
+            }
+            #[cfg(feature = "candle")]
+            $crate::backend::BackendKind::Candle => {
+                type $B = burn::backend::Candle;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::backend::BackendKind::Cuda => {
+                type $B = burn::backend::Cuda;
+                $body
+            }
+            other => Err($crate::Error::Config(format!(
+                "backend `{}` is not compiled into this binary (cargo feature `{}`)",
+                other.name(),
+                other.name()
+            ))),
+        }
+    }};
+}
+
+/// Sizes the thread pools the CPU backends use (rayon for flex and ndarray; candle's gemm reads
+/// RAYON_NUM_THREADS too). Must run before the first tensor operation.
+pub fn set_cpu_threads(threads: usize) {
+    // SAFETY: called at start-up before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    if let Err(error) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+        tracing::warn!(%error, "the CPU thread pool was already set up; --threads ignored");
+    }
+}

@@ -1,0 +1,139 @@
+//! `ditrun bench`: images/s of full training steps (flow-matching loss, backward, AdamW) of the
+//! seed model with cached text embeddings, the figure compared against
+//! `shared/bench/torch_baseline.py` on the same machine and threads.
+
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::backend::BackendKind;
+use crate::error::Result;
+use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
+use crate::model::{ClipTextConfig, TextDiTConfig};
+use crate::text::{TextEmbeddingCache, TextEncoder};
+
+/// The seed's captions: CIFAR-10's classes as "a photo of a/an <class>".
+const CAPTIONS: [&str; 10] = [
+    "a photo of an airplane",
+    "a photo of an automobile",
+    "a photo of a bird",
+    "a photo of a cat",
+    "a photo of a deer",
+    "a photo of a dog",
+    "a photo of a frog",
+    "a photo of a horse",
+    "a photo of a ship",
+    "a photo of a truck",
+];
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub backend: BackendKind,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub threads: usize,
+    /// Run the CLIP encoder on every batch as the seed does, instead of the cache.
+    pub clip_per_batch: bool,
+    pub model: TextDiTConfig,
+    pub text: ClipTextConfig,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    #[serde(rename = "impl")]
+    pub implementation: &'static str,
+    pub backend: BackendKind,
+    pub clip_per_batch: bool,
+    pub threads: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub params: usize,
+    /// Text tokens the DiT attended to (the batch's longest caption).
+    pub context_tokens: usize,
+    /// Median of the timed steps.
+    pub step_s: f64,
+    pub images_per_s: f64,
+}
+
+pub fn run(options: &BenchOptions) -> Result<BenchReport> {
+    crate::with_backend!(options.backend, B => run_on::<burn::backend::Autodiff<B>>(options))
+}
+
+fn run_on<AB: AutodiffBackend>(options: &BenchOptions) -> Result<BenchReport> {
+    let device = AB::Device::default();
+    AB::seed(&device, 0);
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut model = options.model.init::<AB>(&device)?;
+    let params = model.num_params();
+    let mut optimizer = AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .with_epsilon(1e-8)
+        .init::<AB, crate::model::TextConditionalDiT<AB>>();
+    let encoder = TextEncoder::<AB::InnerBackend>::load(None, &options.text, 0, &device)?;
+    let mut cache = TextEmbeddingCache::new(encoder);
+    cache.warm(CAPTIONS.iter().copied().chain([""]));
+    let shape = [options.batch, options.model.channels, options.model.image_size, options.model.image_size];
+
+    let mut times = Vec::with_capacity(options.steps);
+    let mut context_tokens = 0;
+    for step in 0..options.warmup + options.steps {
+        let started = Instant::now();
+        let captions: Vec<&str> = (0..options.batch)
+            .map(|_| CAPTIONS[rng.random_range(0..CAPTIONS.len())])
+            .collect();
+        let captions = drop_captions(&captions, 0.1, &mut rng);
+        let (context, mask) = if options.clip_per_batch {
+            encode_full_context::<AB>(cache.encoder(), &captions, &device)
+        } else {
+            cache.batch::<AB>(&captions, &device)
+        };
+        context_tokens = context.dims()[1];
+        let x0 = Tensor::<AB, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let batch = FlowBatch::draw(x0, &mut rng);
+        let loss = flow_matching_loss(&model, batch, context, Some(mask));
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(1e-4, model, grads);
+        AB::sync(&device).ok();
+        if step >= options.warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let step_s = times[times.len() / 2];
+    Ok(BenchReport {
+        implementation: "ditrun",
+        backend: options.backend,
+        clip_per_batch: options.clip_per_batch,
+        threads: options.threads,
+        batch: options.batch,
+        steps: options.steps,
+        params,
+        context_tokens,
+        step_s: (step_s * 1e4).round() / 1e4,
+        images_per_s: ((options.batch as f64 / step_s) * 100.0).round() / 100.0,
+    })
+}
+
+/// The seed's loop: all 77 positions of every caption through the encoder, every batch.
+fn encode_full_context<AB: AutodiffBackend>(
+    encoder: &TextEncoder<AB::InnerBackend>,
+    captions: &[&str],
+    device: &AB::Device,
+) -> (Tensor<AB, 3>, Tensor<AB, 2, Bool>) {
+    let tokens: Vec<_> = captions.iter().map(|c| encoder.tokenizer.tokenize(c)).collect();
+    let len = encoder.tokenizer.context_length();
+    let ids: Vec<i64> = tokens.iter().flat_map(|t| t.ids.iter().map(|&i| i as i64)).collect();
+    let mask: Vec<bool> = tokens.iter().flat_map(|t| t.mask()).collect();
+    let input = Tensor::from_data(TensorData::new(ids, [captions.len(), len]), device);
+    let hidden = encoder.model.forward(input).last_hidden_state;
+    (
+        Tensor::from_inner(hidden),
+        Tensor::from_data(TensorData::new(mask, [captions.len(), len]), device),
+    )
+}

@@ -1,0 +1,341 @@
+//! The text-conditional Diffusion Transformer (the seed's architecture; every number is in
+//! `shared/reference/README.md`). Parameter names match the seed's PyTorch module so that its
+//! safetensors files load as they are.
+
+use burn::config::Config;
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation;
+use burn::tensor::Distribution;
+
+use super::layers::{
+    attention, key_padding_bias, merge_heads, normalize_last, sincos_features, split_heads,
+    xavier_linear, zero_linear, LayerNorm,
+};
+use crate::error::{Error, Result};
+
+const NORM_EPS: f64 = 1e-5;
+
+#[derive(Config, Debug, PartialEq)]
+pub struct TextDiTConfig {
+    #[config(default = 32)]
+    pub image_size: usize,
+    #[config(default = 4)]
+    pub patch_size: usize,
+    #[config(default = 3)]
+    pub channels: usize,
+    #[config(default = 256)]
+    pub dim: usize,
+    #[config(default = 6)]
+    pub depth: usize,
+    #[config(default = 8)]
+    pub heads: usize,
+    #[config(default = 4.0)]
+    pub mlp_ratio: f64,
+    /// Width of the text encoder's token embeddings (512 for CLIP ViT-B/32).
+    #[config(default = 512)]
+    pub context_dim: usize,
+}
+
+impl TextDiTConfig {
+    /// Rejects sizes the architecture cannot represent, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |msg: String| Err(Error::Config(msg));
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            return fail(format!(
+                "model.patch_size {} must divide model.image_size {}",
+                self.patch_size, self.image_size
+            ));
+        }
+        if self.heads == 0 || self.dim % self.heads != 0 {
+            return fail(format!("model.heads {} must divide model.dim {}", self.heads, self.dim));
+        }
+        // The fixed 2D positions split dim into four sin/cos quarters.
+        if self.dim % 4 != 0 || self.dim < 8 {
+            return fail(format!("model.dim {} must be a multiple of 4 and at least 8", self.dim));
+        }
+        if self.channels == 0 || self.depth == 0 || self.context_dim == 0 {
+            return fail("model.channels, model.depth and model.context_dim must be > 0".into());
+        }
+        if !(self.mlp_ratio > 0.0) {
+            return fail(format!("model.mlp_ratio {} must be > 0", self.mlp_ratio));
+        }
+        Ok(())
+    }
+
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TextConditionalDiT<B>> {
+        self.validate()?;
+        let dim = self.dim;
+        let cond = 4 * dim;
+        let hidden = (dim as f64 * self.mlp_ratio) as usize;
+        let blocks = (0..self.depth)
+            .map(|_| DiTBlock {
+                norm1: AdaLN::new(cond, dim, device),
+                attn: SelfAttention::new(dim, self.heads, device),
+                norm2: AdaLN::new(cond, dim, device),
+                cross: CrossAttention::new(dim, self.context_dim, self.heads, device),
+                norm3: AdaLN::new(cond, dim, device),
+                fc1: xavier_linear(dim, hidden, device),
+                fc2: xavier_linear(hidden, dim, device),
+            })
+            .collect();
+        Ok(TextConditionalDiT {
+            patch_embed: PatchEmbed::new(self.channels, dim, self.patch_size, device),
+            positions: fixed_positions(dim, self.grid(), device),
+            time1: xavier_linear(dim, cond, device),
+            time2: xavier_linear(cond, cond, device),
+            text_proj: xavier_linear(self.context_dim, self.context_dim, device),
+            blocks,
+            final_norm: LayerNorm::new(dim, NORM_EPS, device),
+            final_proj: zero_linear(dim, self.patch_size * self.patch_size * self.channels, device),
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            channels: self.channels,
+            dim,
+        })
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct TextConditionalDiT<B: Backend> {
+    pub patch_embed: PatchEmbed<B>,
+    /// Fixed 2D sin/cos positions `[N, dim]`: a constant, neither trained nor saved.
+    pub positions: Tensor<B, 2>,
+    pub time1: Linear<B>,
+    pub time2: Linear<B>,
+    pub text_proj: Linear<B>,
+    pub blocks: Vec<DiTBlock<B>>,
+    pub final_norm: LayerNorm<B>,
+    pub final_proj: Linear<B>,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub channels: usize,
+    pub dim: usize,
+}
+
+impl<B: Backend> TextConditionalDiT<B> {
+    /// Velocity `v(x_t, t | text)`.
+    /// - `x`: `[B, C, H, W]`, `t`: `[B]` in [0, 1];
+    /// - `context`: text token embeddings `[B, M, context_dim]`;
+    /// - `mask`: `[B, M]`, true for real tokens; `None` attends to every token.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        context: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 4> {
+        let batch = x.dims()[0];
+        let h = self.patch_embed.forward(x) + self.positions.clone().unsqueeze::<3>();
+        let cond = self
+            .time2
+            .forward(activation::silu(self.time1.forward(self.time_features(t))));
+        let context = self.text_proj.forward(context);
+        let bias = mask.map(key_padding_bias);
+        let mut h = h;
+        for block in &self.blocks {
+            h = block.forward(h, cond.clone(), context.clone(), bias.clone());
+        }
+        let h = self.final_proj.forward(self.final_norm.forward(h));
+        self.unpatchify(h, batch)
+    }
+
+    /// `[sin(t f), cos(t f)]` with `dim/2` frequencies, in f32 on the device as the seed does.
+    fn time_features(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
+        let half = self.dim / 2;
+        let device = t.device();
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-(i as f32) * (10000f32.ln() / (half - 1) as f32)).exp())
+            .collect();
+        let freqs = Tensor::<B, 1>::from_floats(freqs.as_slice(), &device).unsqueeze::<2>();
+        let arg = t.unsqueeze_dim::<2>(1) * freqs;
+        Tensor::cat(vec![arg.clone().sin(), arg.cos()], 1)
+    }
+
+    /// `[B, N, p*p*C]` → `[B, C, H, W]`, each patch vector read as `(p, p, C)`.
+    fn unpatchify(&self, h: Tensor<B, 3>, batch: usize) -> Tensor<B, 4> {
+        let (p, c) = (self.patch_size, self.channels);
+        let g = self.image_size / p;
+        h.reshape([batch, g, g, p, p, c])
+            .permute([0, 5, 1, 3, 2, 4])
+            .reshape([batch, c, g * p, g * p])
+    }
+
+    pub fn config(&self) -> TextDiTConfig {
+        let first = &self.blocks[0];
+        TextDiTConfig {
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            channels: self.channels,
+            dim: self.dim,
+            depth: self.blocks.len(),
+            heads: first.attn.heads,
+            mlp_ratio: first.fc1.weight.dims()[1] as f64 / self.dim as f64,
+            context_dim: self.text_proj.weight.dims()[0],
+        }
+    }
+}
+
+/// Fixed 2D sin/cos positions: the patch at (row, col) gets `concat(row part, col part)`,
+/// each part `dim/2` wide with `dim/4` frequencies; patches numbered row-major.
+fn fixed_positions<B: Backend>(dim: usize, grid: usize, device: &B::Device) -> Tensor<B, 2> {
+    let axis: Vec<Vec<f64>> = (0..grid).map(|r| sincos_features(r as f64, dim / 4)).collect();
+    let mut table = Vec::with_capacity(grid * grid * dim);
+    for row in 0..grid {
+        for col in 0..grid {
+            table.extend(axis[row].iter().chain(&axis[col]).map(|&v| v as f32));
+        }
+    }
+    Tensor::from_data(TensorData::new(table, [grid * grid, dim]), device)
+}
+
+/// Conv2d with kernel = stride = patch, computed as one matmul over flattened patches.
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    /// PyTorch Conv2d layout `[dim, C, p, p]`.
+    pub weight: Param<Tensor<B, 4>>,
+    pub bias: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> PatchEmbed<B> {
+    fn new(channels: usize, dim: usize, patch: usize, device: &B::Device) -> Self {
+        // PyTorch's Conv2d default: kaiming-uniform(a = sqrt 5), i.e. U(±1/sqrt(fan_in)).
+        let bound = 1.0 / ((channels * patch * patch) as f64).sqrt();
+        let uniform = Distribution::Uniform(-bound, bound);
+        Self {
+            weight: Param::from_tensor(Tensor::random([dim, channels, patch, patch], uniform, device)),
+            bias: Param::from_tensor(Tensor::random([dim], uniform, device)),
+        }
+    }
+
+    /// `[B, C, H, W]` → `[B, N, dim]`.
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, c, h, w] = x.dims();
+        let [dim, _, p, _] = self.weight.dims();
+        let (gh, gw) = (h / p, w / p);
+        let patches = x
+            .reshape([b, c, gh, p, gw, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([b, gh * gw, c * p * p]);
+        let weight = self.weight.val().reshape([dim, c * p * p]).transpose();
+        burn::tensor::module::linear(patches, weight, Some(self.bias.val()))
+    }
+}
+
+/// `LayerNorm(x, no affine) * (1 + scale) + shift`, scale and shift from the time embedding.
+#[derive(Module, Debug)]
+pub struct AdaLN<B: Backend> {
+    pub proj: Linear<B>,
+}
+
+impl<B: Backend> AdaLN<B> {
+    fn new(cond_dim: usize, dim: usize, device: &B::Device) -> Self {
+        Self {
+            proj: xavier_linear(cond_dim, 2 * dim, device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>, cond: Tensor<B, 2>) -> Tensor<B, 3> {
+        let modulation = self.proj.forward(cond).unsqueeze_dim::<3>(1);
+        let [scale, shift]: [Tensor<B, 3>; 2] = modulation
+            .chunk(2, 2)
+            .try_into()
+            .expect("adaLN projection has an even width");
+        normalize_last(x, NORM_EPS) * (scale + 1.0) + shift
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    pub qkv: Linear<B>,
+    pub out: Linear<B>,
+    pub heads: usize,
+}
+
+impl<B: Backend> SelfAttention<B> {
+    fn new(dim: usize, heads: usize, device: &B::Device) -> Self {
+        Self {
+            qkv: xavier_linear(dim, 3 * dim, device),
+            out: xavier_linear(dim, dim, device),
+            heads,
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, dim] = x.dims();
+        let head_dim = dim / self.heads;
+        // [B, N, 3, H, d] → [3, B, H, N, d], as the seed splits q, k, v.
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, self.heads, head_dim])
+            .permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, head_dim]);
+        let y = attention(part(0), part(1), part(2), None);
+        self.out.forward(merge_heads(y))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct CrossAttention<B: Backend> {
+    pub q: Linear<B>,
+    pub k: Linear<B>,
+    pub v: Linear<B>,
+    pub out: Linear<B>,
+    pub heads: usize,
+}
+
+impl<B: Backend> CrossAttention<B> {
+    fn new(dim: usize, context_dim: usize, heads: usize, device: &B::Device) -> Self {
+        Self {
+            q: xavier_linear(dim, dim, device),
+            k: xavier_linear(context_dim, dim, device),
+            v: xavier_linear(context_dim, dim, device),
+            out: xavier_linear(dim, dim, device),
+            heads,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        context: Tensor<B, 3>,
+        score_bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let q = split_heads(self.q.forward(x), self.heads);
+        let k = split_heads(self.k.forward(context.clone()), self.heads);
+        let v = split_heads(self.v.forward(context), self.heads);
+        self.out.forward(merge_heads(attention(q, k, v, score_bias)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DiTBlock<B: Backend> {
+    pub norm1: AdaLN<B>,
+    pub attn: SelfAttention<B>,
+    pub norm2: AdaLN<B>,
+    pub cross: CrossAttention<B>,
+    pub norm3: AdaLN<B>,
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> DiTBlock<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cond: Tensor<B, 2>,
+        context: Tensor<B, 3>,
+        score_bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let x = x.clone() + self.attn.forward(self.norm1.forward(x, cond.clone()));
+        let x = x.clone() + self.cross.forward(self.norm2.forward(x, cond.clone()), context, score_bias);
+        let hidden = activation::gelu(self.fc1.forward(self.norm3.forward(x.clone(), cond)));
+        x + self.fc2.forward(hidden)
+    }
+}

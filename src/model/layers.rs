@@ -1,0 +1,114 @@
+//! Building blocks shared by the DiT and the CLIP encoder.
+
+use burn::module::{Initializer, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation;
+
+/// Added to attention scores of masked keys. Finite rather than -inf so that a row whose keys
+/// are all masked yields a uniform (not NaN) distribution; for any row with one real key the
+/// masked terms underflow to exactly 0 after `exp`, so the result equals the -inf convention.
+pub const MASKED_SCORE: f32 = -1.0e9;
+
+/// LayerNorm with Hugging Face's parameter names (`weight`, `bias`).
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            bias: Param::from_tensor(Tensor::zeros([dim], device)),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let dim = dims[D - 1];
+        let weight = self.weight.val().reshape(broadcast_last::<D>(dim));
+        let bias = self.bias.val().reshape(broadcast_last::<D>(dim));
+        normalize_last(x, self.eps) * weight + bias
+    }
+}
+
+fn broadcast_last<const D: usize>(dim: usize) -> [usize; D] {
+    let mut shape = [1; D];
+    shape[D - 1] = dim;
+    shape
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last axis, biased variance as in PyTorch.
+pub fn normalize_last<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+    let (var, mean) = x.clone().var_mean_bias(D - 1);
+    (x - mean) / (var + eps).sqrt()
+}
+
+/// A Linear layer initialised as the seed does: Xavier-uniform weight, zero bias.
+pub fn xavier_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    let mut linear = LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::XavierUniform { gain: 1.0 })
+        .init(device);
+    linear.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
+    linear
+}
+
+/// A Linear layer with all weights zero (the DiT's output head starts at zero velocity).
+pub fn zero_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    Linear {
+        weight: Param::from_tensor(Tensor::zeros([d_in, d_out], device)),
+        bias: Some(Param::from_tensor(Tensor::zeros([d_out], device))),
+    }
+}
+
+/// `[B, N, H*d]` → `[B, H, N, d]`.
+pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, n, width] = x.dims();
+    x.reshape([b, n, heads, width / heads]).swap_dims(1, 2)
+}
+
+/// `[B, H, N, d]` → `[B, N, H*d]`.
+pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, n, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, n, h * d])
+}
+
+/// Scaled dot-product attention. `score_bias` is added to the scores before the softmax and
+/// broadcasts over heads and queries (`[B, 1, 1, M]` for a key padding mask, `[1, 1, N, N]`
+/// for a causal mask).
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    score_bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    let head_dim = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((head_dim as f64).powf(-0.5));
+    let scores = match score_bias {
+        Some(bias) => scores + bias,
+        None => scores,
+    };
+    activation::softmax(scores, 3).matmul(v)
+}
+
+/// `[B, M]` boolean key mask (true = real token) → additive score bias `[B, 1, 1, M]`.
+pub fn key_padding_bias<B: Backend>(mask: Tensor<B, 2, Bool>) -> Tensor<B, 4> {
+    let [b, m] = mask.dims();
+    let zeros = Tensor::<B, 2>::zeros([b, m], &mask.device());
+    zeros
+        .mask_fill(mask.bool_not(), MASKED_SCORE)
+        .reshape([b, 1, 1, m])
+}
+
+/// Sinusoidal features `[sin(x f_0..f_{h-1}), cos(x f_0..f_{h-1})]` with
+/// `f_i = exp(-i ln(10000) / (h - 1))`, computed in f64 as the reference does.
+pub fn sincos_features(x: f64, half: usize) -> Vec<f64> {
+    let denom = (half.max(2) - 1) as f64;
+    let freqs = (0..half).map(|i| (-(i as f64) * 10000f64.ln() / denom).exp());
+    let (sin, cos): (Vec<f64>, Vec<f64>) = freqs.map(|f| ((x * f).sin(), (x * f).cos())).unzip();
+    sin.into_iter().chain(cos).collect()
+}

@@ -1,0 +1,243 @@
+//! safetensors ↔ modules by parameter path. A module's field path (`blocks.0.attn.qkv.weight`)
+//! is its tensor name, so the seed's PyTorch files and Hugging Face's CLIP files load without a
+//! name table. PyTorch stores a Linear weight as `[out, in]`, burn as `[in, out]`: those are
+//! transposed on the way in and out.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// The raw bytes of a safetensors file and where they came from (for messages).
+pub struct SafetensorsFile {
+    pub name: String,
+    bytes: Vec<u8>,
+}
+
+impl SafetensorsFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path.display().to_string(), bytes)
+    }
+
+    pub fn from_bytes(name: String, bytes: Vec<u8>) -> Result<Self> {
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+            file: name.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { name, bytes })
+    }
+
+    fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("validated when read")
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.tensors().names().into_iter().map(str::to_string).collect()
+    }
+
+    /// A tensor as f32 `TensorData` (F16 and BF16 are widened).
+    pub fn tensor(&self, name: &str) -> Result<TensorData> {
+        let tensors = self.tensors();
+        let view = tensors.tensor(name).map_err(|_| Error::MissingTensor {
+            file: self.name.clone(),
+            name: name.to_string(),
+            hint: String::new(),
+        })?;
+        view_to_data(&self.name, name, &view)
+    }
+
+    /// Used to find a module's prefix: a full `CLIPModel` file stores the text tower under
+    /// `text_model.`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors().tensor(name).is_ok()
+    }
+}
+
+fn view_to_data(file: &str, name: &str, view: &TensorView<'_>) -> Result<TensorData> {
+    let shape = view.shape().to_vec();
+    let dtype = match view.dtype() {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::I64 => DType::I64,
+        StDtype::U8 => DType::U8,
+        StDtype::BOOL => DType::Bool(burn::tensor::BoolStore::Native),
+        other => {
+            return Err(Error::TensorDtype {
+                file: file.to_string(),
+                name: name.to_string(),
+                found: format!("{other:?}"),
+            })
+        }
+    };
+    let data = TensorData::from_bytes_vec(view.data().to_vec(), shape, dtype);
+    Ok(match dtype {
+        DType::F16 | DType::BF16 => data.convert::<f32>(),
+        _ => data,
+    })
+}
+
+/// Replaces every parameter of `module` with the tensor named by its path (after `prefix`).
+/// All missing and mis-shaped tensors are reported together, so one run names every problem.
+pub fn load_module<B: Backend, M: Module<B>>(
+    module: M,
+    file: &SafetensorsFile,
+    prefix: &str,
+) -> Result<M> {
+    let mut loader = Loader::<B> {
+        file,
+        prefix,
+        path: Vec::new(),
+        problems: Vec::new(),
+        _backend: std::marker::PhantomData,
+    };
+    let module = module.map(&mut loader);
+    if loader.problems.is_empty() {
+        return Ok(module);
+    }
+    let count = loader.problems.len();
+    let first = loader.problems.remove(0);
+    if count == 1 {
+        return Err(first);
+    }
+    Err(Error::Safetensors {
+        file: file.name.clone(),
+        reason: format!(
+            "{count} tensors do not fit the model; first: {first}; all: {}",
+            std::iter::once(first.to_string())
+                .chain(loader.problems.iter().map(|p| p.to_string()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    })
+}
+
+struct PathEntry {
+    name: String,
+    container: String,
+}
+
+fn is_linear_weight(path: &[PathEntry]) -> bool {
+    path.last()
+        .is_some_and(|e| e.name == "weight" && e.container == "Struct:Linear")
+}
+
+fn dotted(path: &[PathEntry]) -> String {
+    path.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(".")
+}
+
+struct Loader<'a, B: Backend> {
+    file: &'a SafetensorsFile,
+    prefix: &'a str,
+    path: Vec<PathEntry>,
+    problems: Vec<Error>,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(PathEntry {
+            name: name.to_string(),
+            container: container_type.to_string(),
+        });
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, current, mapper) = param.consume();
+        let name = format!("{}{}", self.prefix, dotted(&self.path));
+        let transpose = D == 2 && is_linear_weight(&self.path);
+        let expected: Vec<usize> = {
+            let dims = current.dims().to_vec();
+            if transpose { vec![dims[1], dims[0]] } else { dims }
+        };
+        let loaded = self.file.tensor(&name).and_then(|data| {
+            if data.shape.as_slice() != expected.as_slice() {
+                return Err(Error::TensorShape {
+                    file: self.file.name.clone(),
+                    name: name.clone(),
+                    expected: expected.clone(),
+                    found: data.shape.to_vec(),
+                });
+            }
+            let tensor = Tensor::<B, D>::from_data(data.convert::<f32>(), &current.device());
+            Ok(if transpose { tensor.transpose() } else { tensor })
+        });
+        match loaded {
+            Ok(tensor) => Param::from_mapped_value(id, tensor, mapper),
+            Err(problem) => {
+                self.problems.push(problem);
+                Param::from_mapped_value(id, current, mapper)
+            }
+        }
+    }
+}
+
+/// Every parameter of `module` by path, in PyTorch layout, as f32 `TensorData`.
+pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, TensorData> {
+    let mut collector = Collector::<B> {
+        path: Vec::new(),
+        tensors: BTreeMap::new(),
+        _backend: std::marker::PhantomData,
+    };
+    module.visit(&mut collector);
+    collector.tensors
+}
+
+struct Collector<B: Backend> {
+    path: Vec<PathEntry>,
+    tensors: BTreeMap<String, TensorData>,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collector<B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(PathEntry {
+            name: name.to_string(),
+            container: container_type.to_string(),
+        });
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        let tensor = if D == 2 && is_linear_weight(&self.path) {
+            tensor.transpose()
+        } else {
+            tensor
+        };
+        let data = tensor.into_data().convert::<f32>();
+        self.tensors.insert(dotted(&self.path), data);
+    }
+}
+
+/// Serialises `module`'s parameters (PyTorch names and layout) to safetensors bytes, so files
+/// written by ditrun open in PyTorch and load back with [`load_module`].
+pub fn module_to_safetensors<B: Backend, M: Module<B>>(module: &M) -> Result<Vec<u8>> {
+    let tensors = named_tensors::<B, M>(module);
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, data)| {
+            let view = TensorView::new(StDtype::F32, data.shape.to_vec(), data.as_bytes())
+                .expect("f32 data matches its shape");
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize(views, None).map_err(|e| Error::Safetensors {
+        file: "<in memory>".into(),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,63 @@
+//! Shared by the integration tests: the reference folder and a CPU backend.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use ditrun::model::weights::SafetensorsFile;
+
+#[cfg(feature = "flex")]
+pub type TestBackend = burn::backend::Flex;
+#[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+pub type TestBackend = burn::backend::NdArray;
+
+/// `DITRUN_REFERENCE_DIR`, else `../shared/reference` beside the project.
+pub fn reference_dir() -> PathBuf {
+    std::env::var_os("DITRUN_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"))
+}
+
+pub fn reference_file(relative: &str) -> SafetensorsFile {
+    let path = reference_dir().join(relative);
+    SafetensorsFile::read(&path).unwrap_or_else(|e| panic!("reference vectors: {e}"))
+}
+
+pub fn read_json(relative: &str) -> serde_json::Value {
+    let path = reference_dir().join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn float<const D: usize>(file: &SafetensorsFile, name: &str) -> Tensor<TestBackend, D> {
+    let data = file.tensor(name).unwrap().convert::<f32>();
+    Tensor::from_data(data, &Default::default())
+}
+
+pub fn mask(file: &SafetensorsFile, name: &str) -> Tensor<TestBackend, 2, Bool> {
+    let data = file.tensor(name).unwrap();
+    let shape = data.shape.clone();
+    let values: Vec<bool> = data.convert::<i64>().into_vec::<i64>().unwrap().into_iter().map(|v| v != 0).collect();
+    Tensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+pub fn scalar(file: &SafetensorsFile, name: &str) -> f64 {
+    file.tensor(name).unwrap().convert::<f64>().into_vec::<f64>().unwrap()[0]
+}
+
+pub fn values<const D: usize, B: Backend>(tensor: Tensor<B, D>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+/// max |a - b| / max |b|: relative to the reference's scale, so entries near zero do not
+/// dominate.
+pub fn relative_error(actual: &[f32], expected: &[f32]) -> f64 {
+    assert_eq!(actual.len(), expected.len(), "element count");
+    let scale = expected.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
+    let diff = actual
+        .iter()
+        .zip(expected)
+        .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+    assert!(diff.is_finite(), "non-finite values");
+    diff / scale.max(f64::MIN_POSITIVE)
+}
