@@ -94,69 +94,70 @@ pub fn load_module<B: Backend, M: Module<B>>(
     let mut loader = Loader::<B> {
         file,
         prefix,
-        path: Vec::new(),
+        path: ModulePath::default(),
         problems: Vec::new(),
         _backend: std::marker::PhantomData,
     };
     let module = module.map(&mut loader);
-    if loader.problems.is_empty() {
-        return Ok(module);
+    let mut problems = loader.problems;
+    match problems.len() {
+        0 => Ok(module),
+        1 => Err(problems.remove(0)),
+        count => Err(Error::Safetensors {
+            file: file.name.clone(),
+            reason: format!(
+                "{count} tensors do not fit the model: {}",
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+            ),
+        }),
     }
-    let count = loader.problems.len();
-    let first = loader.problems.remove(0);
-    if count == 1 {
-        return Err(first);
+}
+
+/// Where a visitor or mapper is in the module tree: field names and their container types.
+#[derive(Default)]
+struct ModulePath(Vec<(String, String)>);
+
+impl ModulePath {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.0.push((name.to_string(), container_type.to_string()));
     }
-    Err(Error::Safetensors {
-        file: file.name.clone(),
-        reason: format!(
-            "{count} tensors do not fit the model; first: {first}; all: {}",
-            std::iter::once(first.to_string())
-                .chain(loader.problems.iter().map(|p| p.to_string()))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ),
-    })
-}
 
-struct PathEntry {
-    name: String,
-    container: String,
-}
+    fn exit(&mut self) {
+        self.0.pop();
+    }
 
-fn is_linear_weight(path: &[PathEntry]) -> bool {
-    path.last()
-        .is_some_and(|e| e.name == "weight" && e.container == "Struct:Linear")
-}
+    fn dotted(&self) -> String {
+        self.0.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(".")
+    }
 
-fn dotted(path: &[PathEntry]) -> String {
-    path.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(".")
+    fn is_linear_weight(&self) -> bool {
+        self.0
+            .last()
+            .is_some_and(|(name, container)| name == "weight" && container == "Struct:Linear")
+    }
 }
 
 struct Loader<'a, B: Backend> {
     file: &'a SafetensorsFile,
     prefix: &'a str,
-    path: Vec<PathEntry>,
+    path: ModulePath,
     problems: Vec<Error>,
     _backend: std::marker::PhantomData<B>,
 }
 
 impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(PathEntry {
-            name: name.to_string(),
-            container: container_type.to_string(),
-        });
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, current, mapper) = param.consume();
-        let name = format!("{}{}", self.prefix, dotted(&self.path));
-        let transpose = D == 2 && is_linear_weight(&self.path);
+        let name = format!("{}{}", self.prefix, self.path.dotted());
+        let transpose = D == 2 && self.path.is_linear_weight();
         let expected: Vec<usize> = {
             let dims = current.dims().to_vec();
             if transpose { vec![dims[1], dims[0]] } else { dims }
@@ -186,7 +187,7 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
 /// Every parameter of `module` by path, in PyTorch layout, as f32 `TensorData`.
 pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, TensorData> {
     let mut collector = Collector::<B> {
-        path: Vec::new(),
+        path: ModulePath::default(),
         tensors: BTreeMap::new(),
         _backend: std::marker::PhantomData,
     };
@@ -195,32 +196,29 @@ pub fn named_tensors<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, T
 }
 
 struct Collector<B: Backend> {
-    path: Vec<PathEntry>,
+    path: ModulePath,
     tensors: BTreeMap<String, TensorData>,
     _backend: std::marker::PhantomData<B>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Collector<B> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(PathEntry {
-            name: name.to_string(),
-            container: container_type.to_string(),
-        });
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+        self.path.exit();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let tensor = param.val();
-        let tensor = if D == 2 && is_linear_weight(&self.path) {
+        let tensor = if D == 2 && self.path.is_linear_weight() {
             tensor.transpose()
         } else {
             tensor
         };
         let data = tensor.into_data().convert::<f32>();
-        self.tensors.insert(dotted(&self.path), data);
+        self.tensors.insert(self.path.dotted(), data);
     }
 }
 
