@@ -1,5 +1,5 @@
 //! Which burn backend runs the tensors. CPU backends are cargo features (see the README's
-//! measurements for why flex is the default); CUDA is behind the `cuda` feature so that CPU
+//! measurements for why ndarray is the default); CUDA is behind the `cuda` feature so that CPU
 //! builds carry no GPU code.
 
 use serde::Serialize;
@@ -27,9 +27,10 @@ impl BackendKind {
         }
     }
 
-    /// The GPU when built with one, else the fastest CPU backend measured (README).
+    /// The GPU when built with one, else the fastest CPU backend measured on the seed's
+    /// training step (README, "Performance").
     pub fn preferred() -> Self {
-        [BackendKind::Cuda, BackendKind::Flex, BackendKind::Ndarray, BackendKind::Candle]
+        [BackendKind::Cuda, BackendKind::Ndarray, BackendKind::Flex, BackendKind::Candle]
             .into_iter()
             .find(|kind| kind.compiled_in())
             .expect("at least one backend feature is enabled")

@@ -83,15 +83,17 @@ impl<B: Backend> TextEmbeddingCache<B> {
         let longest = entries.iter().map(|e| e.tokens).max().unwrap_or(1);
         let width = self.width;
         let mut context = vec![0f32; captions.len() * longest * width];
-        let mut mask = vec![false; captions.len() * longest];
+        let mut mask = vec![0i64; captions.len() * longest];
         for (i, entry) in entries.iter().enumerate() {
             let start = i * longest * width;
             context[start..start + entry.hidden.len()].copy_from_slice(&entry.hidden);
-            mask[i * longest..i * longest + entry.tokens].fill(true);
+            mask[i * longest..i * longest + entry.tokens].fill(1);
         }
         (
             Tensor::from_data(TensorData::new(context, [captions.len(), longest, width]), device),
-            Tensor::from_data(TensorData::new(mask, [captions.len(), longest]), device),
+            // Built from integers: not every backend (candle) creates bool tensors from data.
+            Tensor::<B2, 2, Int>::from_data(TensorData::new(mask, [captions.len(), longest]), device)
+                .equal_elem(1),
         )
     }
 }

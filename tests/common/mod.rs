@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use burn::prelude::*;
 use ditrun::model::weights::SafetensorsFile;
 
-#[cfg(feature = "flex")]
-pub type TestBackend = burn::backend::Flex;
-#[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+/// The default CPU backend (`BackendKind::preferred`), so the tests check what users run.
+#[cfg(feature = "ndarray")]
 pub type TestBackend = burn::backend::NdArray;
+#[cfg(all(not(feature = "ndarray"), feature = "flex"))]
+pub type TestBackend = burn::backend::Flex;
 
 /// `DITRUN_REFERENCE_DIR`, else `../shared/reference` beside the project.
 pub fn reference_dir() -> PathBuf {
