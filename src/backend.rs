@@ -91,3 +91,18 @@ pub fn set_cpu_threads(threads: usize) {
         tracing::warn!(%error, "the CPU thread pool was already set up; --threads ignored");
     }
 }
+
+/// Runs `init` right after seeding the backend's random generator, with no other seeded
+/// initialisation of this process in between. burn's generator is global: two runs in one
+/// process (tests, a sampler beside a trainer) could otherwise interleave their draws and get
+/// different weights from the same seed.
+pub fn seeded<B: burn::tensor::backend::Backend, T>(
+    device: &B::Device,
+    seed: u64,
+    init: impl FnOnce() -> T,
+) -> T {
+    static SEEDED_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _exclusive = SEEDED_INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    B::seed(device, seed);
+    init()
+}

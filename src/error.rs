@@ -65,6 +65,83 @@ pub enum Error {
 
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// A job file, recipe or `--set` that cannot run: `file` is the file (or `--set k=v`)
+    /// that set the value, `key` its dotted path (`train.lr`).
+    #[error(
+        "{file}{}: {}{message}",
+        .line.map(|l| format!(" line {l}")).unwrap_or_default(),
+        .key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default()
+    )]
+    Job {
+        file: String,
+        line: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
+
+    #[error("{url}: field `{field}`: {reason}")]
+    ShardIndex {
+        url: String,
+        field: String,
+        reason: String,
+    },
+
+    #[error("shard {shard}: {reason}")]
+    Shard { shard: String, reason: String },
+
+    #[error("shard {shard}, sample `{key}`: {reason}")]
+    ShardSample {
+        shard: String,
+        key: String,
+        reason: String,
+    },
+
+    #[error("{file}: {reason}")]
+    Dataset { file: String, reason: String },
+
+    #[error("{file}: MD5 {found} does not match the expected {expected}")]
+    Md5 {
+        file: String,
+        expected: String,
+        found: String,
+    },
+
+    /// A TensorBoard value or event file that cannot be written or read: `what` names the tag
+    /// or file (and offset), `reason` what was expected.
+    #[error("TensorBoard {what}: {reason}")]
+    TensorBoard { what: String, reason: String },
+
+    /// The training data stream: `what` names the option, start position, index or stage.
+    #[error("data stream, {what}: {reason}")]
+    Stream { what: String, reason: String },
+
+    /// A checkpoint (`<url>/step-NNNNNNNNN`) that is not committed, has a damaged record, or
+    /// cannot be found.
+    #[error("checkpoint {checkpoint}: {reason}")]
+    Checkpoint { checkpoint: String, reason: String },
+
+    /// One file of a checkpoint: missing, of the wrong size or checksum, or a bad name.
+    #[error("checkpoint {checkpoint}: file `{file}` {problem}")]
+    CheckpointFile {
+        checkpoint: String,
+        file: String,
+        problem: String,
+    },
+
+    /// A store operation on a checkpoint that kept failing (or failed for good).
+    #[error("checkpoint {checkpoint}: {action} failed after {attempts} attempt(s): {source}")]
+    CheckpointStorage {
+        checkpoint: String,
+        action: String,
+        attempts: u32,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// The training run itself cannot go on (a non-finite loss, state that does not fit).
+    #[error("training: {0}")]
+    Training(String),
 }
 
 impl Error {

@@ -1,14 +1,25 @@
 //! ditrun: a data-parallel trainer for a text-conditional Diffusion Transformer trained with
-//! flow matching. Folders follow the concerns: `model/` (DiT, CLIP text encoder, tokenizer,
-//! weight loading), `flow/` (loss and samplers), `text/` (caption embedding cache),
-//! `storage/` (URLs to object stores and weight downloads), `bench` (images/s of a training step).
+//! flow matching. One folder per concern:
+//! `model/` (DiT, CLIP text encoder, tokenizer, weight files), `flow/` (loss and samplers),
+//! `text/` (the frozen encoder and its caption cache), `data/` (datasets, caption shards, the
+//! streaming reader), `storage/` (URLs to object stores, weight downloads), `checkpoint/`
+//! (save, commit, retention, resume), `metrics/` (TensorBoard events, console progress),
+//! `config/` (job specs), `train/` (the training loop); `sample`, `inspect` and `bench` back the
+//! subcommands of the same names.
 
-pub mod error;
-pub mod storage;
-
-pub use error::{Error, Result};
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
 pub mod flow;
+pub mod inspect;
+pub mod metrics;
 pub mod model;
+pub mod sample;
+pub mod storage;
 pub mod text;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -5,7 +6,10 @@ use tracing_subscriber::EnvFilter;
 
 use ditrun::backend::{set_cpu_threads, BackendKind};
 use ditrun::bench::{self, BenchOptions};
+use ditrun::data::{DatasetKind, PrepareOptions, Split};
+use ditrun::flow::Sampler;
 use ditrun::model::{ClipTextConfig, TextDiTConfig};
+use ditrun::train::Resume;
 
 #[derive(Parser)]
 #[command(name = "ditrun", version, about = "Train a text-conditional Diffusion Transformer with flow matching")]
@@ -16,6 +20,69 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write a dataset as caption shards (WebDataset tar + index.json) to a path or store URL.
+    Prepare {
+        dataset: DatasetKind,
+        /// Where the shards go: a path, file://, s3://, gs://, az:// or memory:// URL.
+        #[arg(long)]
+        out: String,
+        /// The raw dataset: CIFAR-10 archive (path or URL; default: the official download),
+        /// Fashion-MNIST IDX folder (default: /usr/share/datasets/fashion-mnist).
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, value_enum, default_value_t = Split::Train)]
+        split: Split,
+        /// Samples to write (default: the whole split; synthetic: 1,000).
+        #[arg(long)]
+        samples: Option<usize>,
+        #[arg(long, default_value_t = ditrun::data::prepare::DEFAULT_SAMPLES_PER_SHARD)]
+        samples_per_shard: usize,
+        /// Synthetic data only: image size and channels.
+        #[arg(long)]
+        image_size: Option<usize>,
+        #[arg(long)]
+        channels: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Train. With no --job, the built-in quickstart (= jobs/quickstart.yaml).
+    Train {
+        /// Job spec (YAML).
+        #[arg(long)]
+        job: Option<PathBuf>,
+        /// Override a key: --set train.lr=3e-4 (repeatable; values are YAML).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
+        /// auto (the latest valid checkpoint, if any), never, or a checkpoint URL.
+        #[arg(long, default_value = "auto")]
+        resume: Resume,
+    },
+    /// Generate images from prompts with a checkpoint's EMA weights.
+    Sample {
+        /// A checkpoint (`.../step-000001000`) or a checkpoint folder (its latest).
+        #[arg(long)]
+        checkpoint: String,
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        #[arg(long, default_value_t = 7.5)]
+        cfg: f64,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, value_enum, default_value_t = Sampler::Euler)]
+        sampler: Sampler,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1)]
+        per_prompt: usize,
+        /// One grid PNG: rows are prompts, columns images per prompt.
+        #[arg(long, conflicts_with = "out_dir", required_unless_present = "out_dir")]
+        out: Option<PathBuf>,
+        /// One PNG per image, named after its prompt and index.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Print what a job file, checkpoint or shard folder holds, as JSON.
+    Inspect { target: String },
     /// Time full training steps of the seed model (loss, backward, AdamW) and print one JSON
     /// line with images/s.
     Bench {
@@ -52,12 +119,47 @@ fn main() -> ExitCode {
     }
 }
 
+fn all_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Prepare { dataset, out, source, split, samples, samples_per_shard, image_size, channels, seed } => {
+            let mut options = PrepareOptions::new(dataset, &ditrun::config::location_url(&out)?);
+            options.source = source;
+            options.split = split;
+            options.samples = samples;
+            options.samples_per_shard = samples_per_shard;
+            options.image_size = image_size;
+            options.channels = channels;
+            options.seed = seed;
+            let index = ditrun::data::prepare_with(&options)?;
+            println!("{}", serde_json::to_string_pretty(&index)?);
+        }
+        Command::Train { job, overrides, resume } => {
+            let job = ditrun::config::load_job(job.as_deref(), &overrides)?;
+            set_cpu_threads(job.train.threads.unwrap_or_else(all_cores));
+            let outcome = ditrun::train::train(&job, &resume)?;
+            println!("{}", serde_json::to_string(&outcome)?);
+        }
+        Command::Sample { checkpoint, prompts, cfg, steps, sampler, seed, per_prompt, out, out_dir } => {
+            set_cpu_threads(all_cores());
+            let request = ditrun::sample::SampleRequest {
+                checkpoint,
+                prompts,
+                options: ditrun::sample::SampleOptions { cfg, steps, sampler, per_prompt, seed },
+            };
+            let written = ditrun::sample::sample_checkpoint(&request, out.as_deref(), out_dir.as_deref())?;
+            for path in written {
+                println!("{}", path.display());
+            }
+        }
+        Command::Inspect { target } => {
+            println!("{}", serde_json::to_string_pretty(&ditrun::inspect::inspect(&target)?)?);
+        }
         Command::Bench { batch, steps, warmup, threads, backend, clip } => {
-            let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-            });
+            let threads = threads.unwrap_or_else(all_cores);
             set_cpu_threads(threads);
             let report = bench::run(&BenchOptions {
                 backend,

@@ -172,7 +172,10 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
                 });
             }
             let tensor = Tensor::<B, D>::from_data(data.convert::<f32>(), &current.device());
-            Ok(if transpose { tensor.transpose() } else { tensor })
+            let tensor = if transpose { tensor.transpose() } else { tensor };
+            // A tensor made from data is not tracked by autodiff: keep the parameter trainable
+            // if it was, or a resumed run would silently stop updating it.
+            Ok(if current.is_require_grad() { tensor.require_grad() } else { tensor })
         });
         match loaded {
             Ok(tensor) => Param::from_mapped_value(id, tensor, mapper),
@@ -238,4 +241,18 @@ pub fn module_to_safetensors<B: Backend, M: Module<B>>(module: &M) -> Result<Vec
         file: "<in memory>".into(),
         reason: e.to_string(),
     })
+}
+
+/// Draws every lazily initialised parameter now. burn's initialisers defer the random draw to
+/// a parameter's first use, which would put it outside [`crate::backend::seeded`]'s guard and
+/// make a seeded model depend on whatever else drew from the generator in the meantime.
+pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Touch;
+    impl<B: Backend> ModuleMapper<B> for Touch {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            Param::from_mapped_value(id, tensor, mapper)
+        }
+    }
+    module.map(&mut Touch)
 }

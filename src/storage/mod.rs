@@ -5,5 +5,5 @@
 pub mod url;
 pub mod weights;
 
-pub use url::{block_on, object_store_for};
+pub use url::{block_on, exists, object_store_for, put_bytes};
 pub use weights::{cache_dir, resolve_weights};

@@ -10,7 +10,7 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use url::Url;
 
 use crate::error::{Error, Result};
@@ -98,4 +98,22 @@ fn memory_path(url: &str) -> Result<Path> {
         url: url.to_string(),
         source: e.into(),
     })
+}
+
+/// Whether the object at `url` exists (a missing object is `Ok(false)`, other failures errors).
+pub fn exists(url: &str) -> Result<bool> {
+    let (store, path) = object_store_for(url)?;
+    match block_on(store.head(&path)) {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(source) => Err(Error::ObjectStore { url: url.to_string(), source }),
+    }
+}
+
+/// Writes `bytes` as the object at `url` (one put: readers see all of it or nothing).
+pub fn put_bytes(url: &str, bytes: Vec<u8>) -> Result<()> {
+    let (store, path) = object_store_for(url)?;
+    block_on(store.put(&path, bytes.into()))
+        .map(|_| ())
+        .map_err(|source| Error::ObjectStore { url: url.to_string(), source })
 }

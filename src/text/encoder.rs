@@ -1,7 +1,7 @@
 use burn::prelude::*;
 
 use crate::error::Result;
-use crate::model::weights::{load_module, SafetensorsFile};
+use crate::model::weights::{load_module, materialize, SafetensorsFile};
 use crate::model::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::storage::resolve_weights;
 
@@ -53,8 +53,7 @@ impl<B: Backend> TextEncoder<B> {
                      random initialisation (captions are still distinguishable, but carry no \
                      pretrained meaning); set it to hf://openai/clip-vit-base-patch32 for the real one"
                 );
-                B::seed(device, seed);
-                config.init::<B>(device)
+                crate::backend::seeded::<B, _>(device, seed, || materialize(config.init::<B>(device)))
             }
         };
         Ok(Self {

@@ -1,0 +1,697 @@
+//! The typed job spec: every section, its defaults (the seed's numbers) and the checks that
+//! reject impossible values before any work starts.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backend::BackendKind;
+pub use crate::data::{DatasetKind, Split};
+use crate::flow::Sampler;
+use crate::model::tokenizer::{CONTEXT_LENGTH, END_OF_TEXT};
+use crate::model::{ClipTextConfig, TextDiTConfig};
+
+/// A whole training job. Every key is optional in a file: what a job and its recipes leave
+/// out keeps the default documented on the field.
+///
+/// Locations (`data.shards`, `checkpoint.url`, `logging.dir`, `sample.dir`,
+/// `text_encoder.weights`) are URLs (`file://`, `s3://`, `gs://`, `az://`, `memory://`, and
+/// `hf://` for weights) or plain paths; a relative path such as `runs/quickstart/checkpoints`
+/// is relative to the current working directory of the process, not to the job file
+/// ([`location_url`] makes it absolute).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobSpec {
+    /// A label for logs and TensorBoard.
+    pub name: String,
+    pub model: ModelSpec,
+    pub text_encoder: TextEncoderSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub checkpoint: CheckpointSpec,
+    pub logging: LoggingSpec,
+    pub sample: SampleSpec,
+}
+
+/// The DiT's sizes; defaults are the seed's model (18,145,072 parameters).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSpec {
+    pub image_size: usize,
+    /// Must divide `image_size`.
+    pub patch_size: usize,
+    pub channels: usize,
+    /// A multiple of 4 (the 2D sin/cos positions) and of `heads`.
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: f64,
+    /// Width of the text tokens the DiT cross-attends to: must equal
+    /// `text_encoder.hidden_size`.
+    pub context_dim: usize,
+}
+
+/// The frozen CLIP text encoder; defaults are OpenAI's ViT-B/32 text tower.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextEncoderSpec {
+    /// Pretrained weights (`hf://openai/clip-vit-base-patch32`, a path, or a store URL);
+    /// unset (null) = a seeded random initialisation, which needs no network.
+    pub weights: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+}
+
+/// Where the caption shards live, and how they are streamed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSpec {
+    /// URL or path of the shard prefix (the folder holding `index.json`). Required.
+    pub shards: String,
+    /// When set and `<shards>/index.json` is missing, the trainer prepares the shards there
+    /// first (what `ditrun prepare` would do).
+    pub prepare: Option<PrepareSpec>,
+    /// Shards whose samples are shuffled together (≥ 1).
+    pub shuffle_window: usize,
+    /// Batches decoded ahead of the training step on background threads (≥ 1).
+    pub prefetch: usize,
+}
+
+/// What `ditrun prepare` writes when the shards are missing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrepareSpec {
+    pub dataset: DatasetKind,
+    /// Local path or URL of the raw dataset (CIFAR-10 archive, Fashion-MNIST IDX folder);
+    /// unset = CIFAR-10's official download, Fashion-MNIST's Debian folder. Not for synthetic.
+    pub source: Option<String>,
+    pub split: Split,
+    /// How many samples to write; unset = the whole split (synthetic: the generator's default).
+    pub samples: Option<usize>,
+    pub samples_per_shard: usize,
+}
+
+/// Optimisation: AdamW with linear warm-up then cosine decay to zero, gradient clipping,
+/// EMA of the weights (the EMA weights make the samples), caption dropout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    /// Optimiser steps in the whole run (a resumed run continues up to this).
+    pub steps: u64,
+    /// Global batch (images per optimiser step).
+    pub batch_size: usize,
+    /// Peak learning rate (after warm-up).
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup_steps: u64,
+    /// Maximum global gradient norm; 0 turns clipping off.
+    pub grad_clip: f64,
+    /// EMA decay per step in [0, 1); 0 makes the EMA a copy of the weights.
+    pub ema_decay: f64,
+    /// Seeds the model initialisation, data order, noise and caption dropout.
+    pub seed: u64,
+    /// Probability of replacing a caption by "" (classifier-free guidance training).
+    pub text_drop_prob: f64,
+    pub backend: BackendChoice,
+    /// CPU threads; unset = all cores.
+    pub threads: Option<usize>,
+}
+
+/// `auto` takes the GPU when the binary has one, else the fastest CPU backend compiled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Flex,
+    Ndarray,
+    Candle,
+    Cuda,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSpec {
+    /// URL or path of the checkpoint folder; empty = no checkpoints.
+    pub url: String,
+    /// Save every N steps; 0 turns the periodic saves off.
+    pub every_steps: u64,
+    /// Committed checkpoints kept (older ones are deleted); ≥ 1 when checkpointing.
+    pub keep_last: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSpec {
+    /// TensorBoard log dir (path or URL); empty = no event files, console only.
+    pub dir: String,
+    /// Log loss, learning rate, gradient norm and throughput every N steps; 0 turns the
+    /// periodic logs off.
+    pub every_steps: u64,
+}
+
+/// Sample grids of fixed prompts, made with the EMA weights and written to TensorBoard (and to
+/// `dir` as PNG when set). The same settings are the defaults of `ditrun sample`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleSpec {
+    /// Sample every N steps; 0 turns periodic sampling off.
+    pub every_steps: u64,
+    /// Also sample once after the last step.
+    pub at_end: bool,
+    pub prompts: Vec<String>,
+    /// Classifier-free guidance scale (≥ 0; 1 = plain conditional, 0 = unconditional).
+    pub cfg: f64,
+    /// Integration steps from noise to image.
+    pub steps: usize,
+    pub sampler: Sampler,
+    /// Images per prompt.
+    pub per_prompt: usize,
+    /// Seeds the initial noise, so successive grids are comparable.
+    pub seed: u64,
+    /// Folder (path or URL) for the grids as PNG; unset = TensorBoard only.
+    pub dir: Option<String>,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        Self {
+            name: "ditrun".into(),
+            model: ModelSpec::default(),
+            text_encoder: TextEncoderSpec::default(),
+            data: DataSpec::default(),
+            train: TrainSpec::default(),
+            checkpoint: CheckpointSpec::default(),
+            logging: LoggingSpec::default(),
+            sample: SampleSpec::default(),
+        }
+    }
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        let seed = TextDiTConfig::new();
+        Self {
+            image_size: seed.image_size,
+            patch_size: seed.patch_size,
+            channels: seed.channels,
+            dim: seed.dim,
+            depth: seed.depth,
+            heads: seed.heads,
+            mlp_ratio: seed.mlp_ratio,
+            context_dim: seed.context_dim,
+        }
+    }
+}
+
+impl Default for TextEncoderSpec {
+    fn default() -> Self {
+        let vit_b32 = ClipTextConfig::new();
+        Self {
+            weights: None,
+            hidden_size: vit_b32.hidden_size,
+            intermediate_size: vit_b32.intermediate_size,
+            layers: vit_b32.num_hidden_layers,
+            heads: vit_b32.num_attention_heads,
+            vocab_size: vit_b32.vocab_size,
+            max_positions: vit_b32.max_position_embeddings,
+        }
+    }
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            shards: String::new(),
+            prepare: None,
+            shuffle_window: 4,
+            prefetch: 4,
+        }
+    }
+}
+
+impl Default for PrepareSpec {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::Synthetic,
+            source: None,
+            split: Split::Train,
+            samples: None,
+            samples_per_shard: crate::data::prepare::DEFAULT_SAMPLES_PER_SHARD,
+        }
+    }
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self {
+            steps: 10_000,
+            batch_size: 64,
+            lr: 1e-4,
+            weight_decay: 0.01,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            warmup_steps: 0,
+            grad_clip: 1.0,
+            ema_decay: 0.9999,
+            seed: 0,
+            text_drop_prob: 0.1,
+            backend: BackendChoice::Auto,
+            threads: None,
+        }
+    }
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            every_steps: 1000,
+            keep_last: 3,
+        }
+    }
+}
+
+impl Default for LoggingSpec {
+    fn default() -> Self {
+        Self {
+            dir: String::new(),
+            every_steps: 50,
+        }
+    }
+}
+
+impl Default for SampleSpec {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            at_end: false,
+            prompts: Vec::new(),
+            cfg: 7.5,
+            steps: 50,
+            sampler: Sampler::Euler,
+            per_prompt: 4,
+            seed: 0,
+            dir: None,
+        }
+    }
+}
+
+impl JobSpec {
+    pub fn dit_config(&self) -> TextDiTConfig {
+        let m = &self.model;
+        TextDiTConfig {
+            image_size: m.image_size,
+            patch_size: m.patch_size,
+            channels: m.channels,
+            dim: m.dim,
+            depth: m.depth,
+            heads: m.heads,
+            mlp_ratio: m.mlp_ratio,
+            context_dim: m.context_dim,
+        }
+    }
+
+    pub fn clip_config(&self) -> ClipTextConfig {
+        let t = &self.text_encoder;
+        ClipTextConfig {
+            vocab_size: t.vocab_size,
+            hidden_size: t.hidden_size,
+            intermediate_size: t.intermediate_size,
+            num_hidden_layers: t.layers,
+            num_attention_heads: t.heads,
+            max_position_embeddings: t.max_positions,
+            ..ClipTextConfig::new()
+        }
+    }
+
+    /// The effective spec as YAML (every key, defaults included): what the trainer logs and
+    /// writes to TensorBoard, and what loads back into an equal spec.
+    pub fn to_yaml(&self) -> String {
+        serde_norway::to_string(self).expect("a JobSpec always serialises to YAML")
+    }
+
+    /// sha256 (hex) of the spec's canonical JSON form (fields in declaration order, every key
+    /// present): equal specs hash equally however they were written, any changed value changes it.
+    pub fn hash(&self) -> String {
+        let canonical = serde_json::to_vec(self).expect("a JobSpec always serialises to JSON");
+        hex::encode(Sha256::digest(&canonical))
+    }
+
+    /// The first impossible value, as (key path, what is wrong).
+    pub(crate) fn first_problem(&self) -> Option<(&'static str, String)> {
+        self.model_problem()
+            .or_else(|| self.text_encoder_problem())
+            .or_else(|| self.data_problem())
+            .or_else(|| self.train_problem())
+            .or_else(|| self.output_problem())
+            .or_else(|| self.sample_problem())
+    }
+
+    fn model_problem(&self) -> Option<(&'static str, String)> {
+        let m = &self.model;
+        let checks: [(bool, &'static str, String); 9] = [
+            (m.image_size == 0, "model.image_size", "must be > 0".into()),
+            (m.patch_size == 0, "model.patch_size", "must be > 0".into()),
+            (
+                m.image_size % m.patch_size.max(1) != 0,
+                "model.patch_size",
+                format!("{} does not divide model.image_size {}", m.patch_size, m.image_size),
+            ),
+            (m.channels == 0, "model.channels", "must be > 0".into()),
+            (m.depth == 0, "model.depth", "must be > 0".into()),
+            (
+                m.dim < 8 || m.dim % 4 != 0,
+                "model.dim",
+                format!("{} must be a multiple of 4 and at least 8 (2D sin/cos positions)", m.dim),
+            ),
+            (
+                m.heads == 0 || m.dim % m.heads.max(1) != 0,
+                "model.heads",
+                format!("{} does not divide model.dim {}", m.heads, m.dim),
+            ),
+            (
+                !(m.mlp_ratio.is_finite() && m.mlp_ratio > 0.0),
+                "model.mlp_ratio",
+                format!("must be > 0, got {}", m.mlp_ratio),
+            ),
+            (
+                m.context_dim != self.text_encoder.hidden_size,
+                "model.context_dim",
+                format!(
+                    "{} must equal text_encoder.hidden_size {} (the DiT cross-attends to the encoder's tokens)",
+                    m.context_dim, self.text_encoder.hidden_size
+                ),
+            ),
+        ];
+        first_failed(checks)
+    }
+
+    fn text_encoder_problem(&self) -> Option<(&'static str, String)> {
+        let t = &self.text_encoder;
+        if let Some(weights) = &t.weights {
+            if let Some(reason) = location_problem(weights, WEIGHT_SCHEMES) {
+                return Some(("text_encoder.weights", reason));
+            }
+        }
+        let checks: [(bool, &'static str, String); 5] = [
+            (
+                t.hidden_size == 0,
+                "text_encoder.hidden_size",
+                "must be > 0".into(),
+            ),
+            (
+                t.intermediate_size == 0,
+                "text_encoder.intermediate_size",
+                "must be > 0".into(),
+            ),
+            (t.layers == 0, "text_encoder.layers", "must be > 0".into()),
+            (
+                t.heads == 0 || t.hidden_size % t.heads.max(1) != 0,
+                "text_encoder.heads",
+                format!(
+                    "{} does not divide text_encoder.hidden_size {}",
+                    t.heads, t.hidden_size
+                ),
+            ),
+            (
+                t.vocab_size <= END_OF_TEXT as usize,
+                "text_encoder.vocab_size",
+                format!(
+                    "{} is too small for the CLIP tokenizer's ids (up to {END_OF_TEXT})",
+                    t.vocab_size
+                ),
+            ),
+        ];
+        first_failed(checks).or_else(|| {
+            (t.max_positions < CONTEXT_LENGTH).then(|| {
+                (
+                    "text_encoder.max_positions",
+                    format!(
+                        "{} is below the tokenizer's {CONTEXT_LENGTH} tokens",
+                        t.max_positions
+                    ),
+                )
+            })
+        })
+    }
+
+    fn data_problem(&self) -> Option<(&'static str, String)> {
+        let d = &self.data;
+        if d.shards.trim().is_empty() {
+            return Some((
+                "data.shards",
+                "must name the shard prefix (a path or URL)".into(),
+            ));
+        }
+        if let Some(reason) = location_problem(&d.shards, STORE_SCHEMES) {
+            return Some(("data.shards", reason));
+        }
+        if d.shuffle_window == 0 {
+            return Some(("data.shuffle_window", "must be ≥ 1 shard".into()));
+        }
+        if d.prefetch == 0 {
+            return Some(("data.prefetch", "must be ≥ 1 batch".into()));
+        }
+        d.prepare.as_ref().and_then(|p| self.prepare_problem(p))
+    }
+
+    fn prepare_problem(&self, p: &PrepareSpec) -> Option<(&'static str, String)> {
+        if p.samples == Some(0) {
+            return Some((
+                "data.prepare.samples",
+                "must be > 0 (or unset for the whole split)".into(),
+            ));
+        }
+        if p.samples_per_shard == 0 {
+            return Some(("data.prepare.samples_per_shard", "must be > 0".into()));
+        }
+        // The sizes `data::prepare` writes for the real datasets.
+        let (image_size, channels) = match p.dataset {
+            DatasetKind::Synthetic => {
+                if p.source.is_some() {
+                    return Some((
+                        "data.prepare.source",
+                        "synthetic data is generated, it has no source".into(),
+                    ));
+                }
+                if !(1..=4).contains(&self.model.channels) {
+                    let reason = format!(
+                        "{} is not 1 to 4, which synthetic data needs",
+                        self.model.channels
+                    );
+                    return Some(("model.channels", reason));
+                }
+                return None;
+            }
+            DatasetKind::Cifar10 => (32, 3),
+            // 28×28 grayscale, padded to 32×32.
+            DatasetKind::FashionMnist => (32, 1),
+        };
+        let name = p.dataset.name();
+        if self.model.channels != channels {
+            return Some((
+                "model.channels",
+                format!(
+                    "{} does not match data.prepare.dataset {name} ({channels} {})",
+                    self.model.channels,
+                    if channels == 1 { "channel" } else { "channels" }
+                ),
+            ));
+        }
+        if self.model.image_size != image_size {
+            return Some((
+                "model.image_size",
+                format!(
+                    "{} does not match data.prepare.dataset {name} ({image_size}×{image_size})",
+                    self.model.image_size
+                ),
+            ));
+        }
+        None
+    }
+
+    fn train_problem(&self) -> Option<(&'static str, String)> {
+        let t = &self.train;
+        let unit = |x: f64| (0.0..1.0).contains(&x);
+        let checks: [(bool, &'static str, String); 10] = [
+            (t.steps == 0, "train.steps", "must be > 0".into()),
+            (t.batch_size == 0, "train.batch_size", "must be > 0".into()),
+            (
+                !(t.lr.is_finite() && t.lr > 0.0),
+                "train.lr",
+                format!("must be > 0, got {}", t.lr),
+            ),
+            (
+                !(t.weight_decay.is_finite() && t.weight_decay >= 0.0),
+                "train.weight_decay",
+                format!("must be ≥ 0, got {}", t.weight_decay),
+            ),
+            (
+                !(unit(t.betas[0]) && unit(t.betas[1])),
+                "train.betas",
+                format!("both must be in [0, 1), got {:?}", t.betas),
+            ),
+            (
+                !(t.eps.is_finite() && t.eps > 0.0),
+                "train.eps",
+                format!("must be > 0, got {}", t.eps),
+            ),
+            (
+                !(t.grad_clip.is_finite() && t.grad_clip >= 0.0),
+                "train.grad_clip",
+                format!("must be ≥ 0 (0 = off), got {}", t.grad_clip),
+            ),
+            (
+                !unit(t.ema_decay),
+                "train.ema_decay",
+                format!("must be in [0, 1), got {}", t.ema_decay),
+            ),
+            (
+                !(0.0..=1.0).contains(&t.text_drop_prob),
+                "train.text_drop_prob",
+                format!("must be in [0, 1], got {}", t.text_drop_prob),
+            ),
+            (
+                t.threads == Some(0),
+                "train.threads",
+                "must be > 0 (or unset for all cores)".into(),
+            ),
+        ];
+        first_failed(checks)
+    }
+
+    fn output_problem(&self) -> Option<(&'static str, String)> {
+        let c = &self.checkpoint;
+        if c.enabled() {
+            if let Some(reason) = location_problem(&c.url, STORE_SCHEMES) {
+                return Some(("checkpoint.url", reason));
+            }
+            if c.keep_last == 0 {
+                return Some((
+                    "checkpoint.keep_last",
+                    "must be ≥ 1 when checkpointing (checkpoint.url is set)".into(),
+                ));
+            }
+        }
+        if !self.logging.dir.trim().is_empty() {
+            if let Some(reason) = location_problem(&self.logging.dir, STORE_SCHEMES) {
+                return Some(("logging.dir", reason));
+            }
+        }
+        None
+    }
+
+    fn sample_problem(&self) -> Option<(&'static str, String)> {
+        let s = &self.sample;
+        let sampling = s.every_steps > 0 || s.at_end;
+        let checks: [(bool, &'static str, String); 4] = [
+            (!(s.cfg.is_finite() && s.cfg >= 0.0), "sample.cfg", format!("must be ≥ 0, got {}", s.cfg)),
+            (s.steps == 0, "sample.steps", "must be > 0".into()),
+            (s.per_prompt == 0, "sample.per_prompt", "must be > 0".into()),
+            (
+                sampling && s.prompts.is_empty(),
+                "sample.prompts",
+                "must list at least one prompt when sampling is on (sample.every_steps > 0 or sample.at_end)".into(),
+            ),
+        ];
+        first_failed(checks).or_else(|| {
+            let dir = s.dir.as_deref()?;
+            let reason = if dir.trim().is_empty() {
+                "must be a path or URL (or unset)".to_string()
+            } else {
+                location_problem(dir, STORE_SCHEMES)?
+            };
+            Some(("sample.dir", reason))
+        })
+    }
+}
+
+impl CheckpointSpec {
+    /// Whether checkpoints are written at all (a URL is set).
+    pub fn enabled(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
+}
+
+impl LoggingSpec {
+    /// Whether TensorBoard event files are written (a log dir is set).
+    pub fn tensorboard(&self) -> bool {
+        !self.dir.trim().is_empty()
+    }
+}
+
+impl SampleSpec {
+    pub fn enabled(&self) -> bool {
+        self.every_steps > 0 || self.at_end
+    }
+}
+
+impl BackendChoice {
+    /// The backend to run; `auto` resolves to [`BackendKind::preferred`]. A backend this
+    /// binary was built without is an error naming `train.backend` and the cargo feature.
+    pub fn resolve(self) -> crate::Result<BackendKind> {
+        let kind = match self {
+            BackendChoice::Auto => return Ok(BackendKind::preferred()),
+            BackendChoice::Flex => BackendKind::Flex,
+            BackendChoice::Ndarray => BackendKind::Ndarray,
+            BackendChoice::Candle => BackendKind::Candle,
+            BackendChoice::Cuda => BackendKind::Cuda,
+        };
+        if kind.compiled_in() {
+            Ok(kind)
+        } else {
+            Err(crate::Error::Config(format!(
+                "train.backend: `{}` is not compiled into this binary (build with --features {})",
+                kind.name(),
+                kind.name()
+            )))
+        }
+    }
+}
+
+/// Schemes `storage::object_store_for` opens.
+const STORE_SCHEMES: &[&str] = &[
+    "file", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "memory",
+];
+/// Schemes `storage::resolve_weights` opens.
+const WEIGHT_SCHEMES: &[&str] = &[
+    "hf", "file", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "memory",
+];
+
+/// The URL scheme of `location`, if it looks like a URL at all (anything else is a path).
+pub(crate) fn scheme_of(location: &str) -> Option<&str> {
+    let (scheme, _) = location.split_once("://")?;
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then_some(scheme)
+}
+
+fn location_problem(location: &str, schemes: &[&str]) -> Option<String> {
+    let scheme = scheme_of(location)?;
+    (!schemes.contains(&scheme)).then(|| {
+        format!(
+            "`{location}`: unsupported scheme `{scheme}://`, expected a path or one of {}",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+fn first_failed<const N: usize>(
+    checks: [(bool, &'static str, String); N],
+) -> Option<(&'static str, String)> {
+    checks
+        .into_iter()
+        .find(|(failed, _, _)| *failed)
+        .map(|(_, key, reason)| (key, reason))
+}

@@ -1,0 +1,14 @@
+//! Captioned image datasets (synthetic, CIFAR-10, Fashion-MNIST) and the WebDataset-compatible
+//! caption shards they are prepared into: `shards` writes and reads one shard at a time,
+//! `stream` orders, partitions and prefetches them for training.
+
+pub mod cifar10;
+pub mod fashion_mnist;
+pub mod prepare;
+pub mod shards;
+pub mod stream;
+pub mod synthetic;
+
+pub use prepare::{prepare, prepare_with, DatasetKind, PrepareOptions, Split};
+pub use shards::{read_index, read_shard, Sample, ShardEntry, ShardIndex, ShardWriter};
+pub use synthetic::{synthetic, synthetic_captions};

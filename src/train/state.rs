@@ -1,0 +1,139 @@
+//! What a checkpoint holds for training, and the conversion both ways: the DiT and its EMA as
+//! safetensors in PyTorch layout (readable by other tools), the AdamW moments as burn's binary
+//! record, and the step and data position as the checkpoint's state.
+
+use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use burn::prelude::*;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use bytes::Bytes;
+
+use super::params::with_path_ids;
+use crate::checkpoint::{CheckpointState, LoadedCheckpoint};
+use crate::config::JobSpec;
+use crate::data::stream::StreamPosition;
+use crate::error::{Error, Result};
+use crate::model::weights::{load_module, module_to_safetensors, SafetensorsFile};
+use crate::model::{TextConditionalDiT, TextDiTConfig};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const EMA_FILE: &str = "ema.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.bin";
+/// Key of the effective job YAML in the checkpoint state's `extra`.
+pub const JOB_KEY: &str = "job_yaml";
+
+type OptimizerRecorder = BinBytesRecorder<FullPrecisionSettings>;
+
+pub struct TrainingState<AB: AutodiffBackend> {
+    pub model: TextConditionalDiT<AB>,
+    pub ema: TextConditionalDiT<AB::InnerBackend>,
+    /// Optimiser steps done.
+    pub step: u64,
+    /// Where the data stream continues.
+    pub position: StreamPosition,
+}
+
+impl<AB: AutodiffBackend> TrainingState<AB> {
+    pub fn start(model: TextConditionalDiT<AB>) -> Self {
+        let ema = model.valid();
+        Self { model, ema, step: 0, position: StreamPosition { epoch: 0, position: 0 } }
+    }
+
+    /// Loads weights and EMA into `fresh` (a model of the job's sizes, with path ids).
+    pub fn restore(fresh: TextConditionalDiT<AB>, checkpoint: &LoadedCheckpoint) -> Result<Self> {
+        let ema_template = fresh.valid();
+        let model = load_module(fresh, &checkpoint_file(checkpoint, MODEL_FILE)?, "")?;
+        let ema = load_module(ema_template, &checkpoint_file(checkpoint, EMA_FILE)?, "")?;
+        let state = &checkpoint.state;
+        Ok(Self {
+            model,
+            ema,
+            step: state.step,
+            position: StreamPosition { epoch: state.epoch, position: state.position },
+        })
+    }
+
+    /// The checkpoint's state and files after `step` steps; the next batch is at `position`.
+    pub fn pack<O: Optimizer<TextConditionalDiT<AB>, AB>>(
+        model: &TextConditionalDiT<AB>,
+        ema: &TextConditionalDiT<AB::InnerBackend>,
+        optimizer: &O,
+        step: u64,
+        position: StreamPosition,
+        job: &JobSpec,
+    ) -> Result<(CheckpointState, Vec<(String, Bytes)>)> {
+        let optimizer_bytes = OptimizerRecorder::default()
+            .record(optimizer.to_record(), ())
+            .map_err(|e| Error::Training(format!("cannot serialise the optimiser state: {e}")))?;
+        let files = vec![
+            (MODEL_FILE.to_string(), Bytes::from(module_to_safetensors::<AB, _>(model)?)),
+            (EMA_FILE.to_string(), Bytes::from(module_to_safetensors::<AB::InnerBackend, _>(ema)?)),
+            (OPTIMIZER_FILE.to_string(), Bytes::from(optimizer_bytes)),
+        ];
+        let state = CheckpointState {
+            step,
+            epoch: position.epoch,
+            position: position.position,
+            config_hash: job.hash(),
+            world_size: 1,
+            // The effective job travels with the weights, so `ditrun sample` and `inspect`
+            // know the model's sizes and text encoder without the job file.
+            extra: serde_json::json!({ JOB_KEY: job.to_yaml() }),
+            ..Default::default()
+        };
+        Ok((state, files))
+    }
+}
+
+/// Restores AdamW's moments. Parameter ids come from paths ([`with_path_ids`]), so the saved
+/// record's ids match the reloaded model's.
+pub fn restore_optimizer<AB: AutodiffBackend, O: Optimizer<TextConditionalDiT<AB>, AB>>(
+    optimizer: O,
+    checkpoint: &LoadedCheckpoint,
+    device: &AB::Device,
+) -> Result<O> {
+    let bytes = checkpoint.files.get(OPTIMIZER_FILE).ok_or_else(|| missing(checkpoint, OPTIMIZER_FILE))?;
+    let record = Recorder::<AB>::load(&OptimizerRecorder::default(), bytes.to_vec(), device)
+        .map_err(|e| Error::CheckpointFile {
+            checkpoint: checkpoint.url.clone(),
+            file: OPTIMIZER_FILE.into(),
+            problem: format!("is not an optimiser state of this model: {e}"),
+        })?;
+    Ok(optimizer.load_record(record))
+}
+
+fn missing(checkpoint: &LoadedCheckpoint, file: &str) -> Error {
+    Error::CheckpointFile {
+        checkpoint: checkpoint.url.clone(),
+        file: file.into(),
+        problem: "is missing".into(),
+    }
+}
+
+fn checkpoint_file(checkpoint: &LoadedCheckpoint, file: &str) -> Result<SafetensorsFile> {
+    let bytes = checkpoint.files.get(file).ok_or_else(|| missing(checkpoint, file))?;
+    SafetensorsFile::from_bytes(format!("{}/{file}", checkpoint.url), bytes.to_vec())
+}
+
+/// The EMA weights of a checkpoint as a model for sampling (`ditrun sample`).
+pub fn model_from_checkpoint<B: Backend>(
+    checkpoint: &LoadedCheckpoint,
+    config: &TextDiTConfig,
+    device: &B::Device,
+) -> Result<TextConditionalDiT<B>> {
+    let template = with_path_ids(config.init::<B>(device)?);
+    load_module(template, &checkpoint_file(checkpoint, EMA_FILE)?, "")
+}
+
+/// The job a checkpoint was trained with (stored by [`TrainingState::pack`]).
+pub fn job_of_checkpoint(checkpoint: &LoadedCheckpoint) -> Result<JobSpec> {
+    let yaml = checkpoint.state.extra.get(JOB_KEY).and_then(|v| v.as_str()).ok_or_else(|| {
+        Error::CheckpointFile {
+            checkpoint: checkpoint.url.clone(),
+            file: crate::checkpoint::STATE_FILE.into(),
+            problem: format!("has no `extra.{JOB_KEY}`: not written by `ditrun train`"),
+        }
+    })?;
+    JobSpec::from_yaml(yaml, &format!("{}/{}", checkpoint.url, crate::checkpoint::STATE_FILE))
+}

@@ -1,0 +1,109 @@
+//! The training loop end to end on a tiny model: exact resume, a non-finite loss, sampling
+//! and inspecting what a run wrote.
+
+use std::path::Path;
+
+use ditrun::checkpoint::CheckpointStore;
+use ditrun::config::JobSpec;
+use ditrun::train::{train, train_until, Resume, MODEL_FILE};
+
+/// A job small enough for a test: 8×8 images, one block, a 2-layer 32-wide text encoder.
+fn tiny_job(root: &Path, steps: u64) -> JobSpec {
+    let yaml = format!(
+        r#"
+name: tiny
+model: {{ image_size: 8, patch_size: 4, channels: 3, dim: 16, depth: 1, heads: 2, mlp_ratio: 2.0, context_dim: 32 }}
+text_encoder: {{ hidden_size: 32, intermediate_size: 64, layers: 2, heads: 2 }}
+data:
+  shards: {root}/shards
+  prepare: {{ dataset: synthetic, samples: 64, samples_per_shard: 16 }}
+  shuffle_window: 2
+  prefetch: 2
+train: {{ steps: {steps}, batch_size: 8, lr: 1.0e-3, warmup_steps: 2, grad_clip: 1.0, ema_decay: 0.9, seed: 7, text_drop_prob: 0.2, backend: auto, threads: 2 }}
+checkpoint: {{ url: {root}/checkpoints, every_steps: 2, keep_last: 3 }}
+logging: {{ dir: {root}/tensorboard, every_steps: 1 }}
+sample: {{ every_steps: 0, at_end: true, prompts: ["a photo of a red circle", "a photo of a blue square"], cfg: 3.0, steps: 3, per_prompt: 2, dir: {root}/samples }}
+"#,
+        root = root.display()
+    );
+    JobSpec::from_yaml(&yaml, "tiny-job.yaml").expect("the test job is valid")
+}
+
+fn model_bytes(root: &Path, step: u64) -> Vec<u8> {
+    let store = CheckpointStore::open(&format!("{}/checkpoints", root.display()), 3).unwrap();
+    store.load(step).unwrap().files[MODEL_FILE].to_vec()
+}
+
+#[test]
+fn a_resumed_run_ends_with_bit_identical_weights() {
+    let straight = tempfile::tempdir().unwrap();
+    let outcome = train(&tiny_job(straight.path(), 6), &Resume::Never).unwrap();
+    assert_eq!(outcome.steps_done, 6);
+    assert!(outcome.final_loss.is_finite());
+
+    let interrupted = tempfile::tempdir().unwrap();
+    let stopped = train_until(&tiny_job(interrupted.path(), 6), &Resume::Never, Some(4)).unwrap();
+    assert_eq!(stopped.steps_done, 4);
+    let resumed = train(&tiny_job(interrupted.path(), 6), &Resume::Auto).unwrap();
+    assert_eq!(resumed.resumed_from, Some(4));
+
+    assert!(model_bytes(straight.path(), 4) == model_bytes(interrupted.path(), 4), "same steps before the stop");
+
+    assert_eq!(model_bytes(straight.path(), 6), model_bytes(interrupted.path(), 6));
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = tiny_job(dir.path(), 8);
+    // Far too large a step without clipping: the weights blow up within a few steps.
+    job.train.lr = 1.0e12;
+    job.train.warmup_steps = 0;
+    job.train.grad_clip = 0.0;
+    job.checkpoint.every_steps = 1;
+    let error = train(&job, &Resume::Never).unwrap_err().to_string();
+    assert!(error.contains("loss became") && error.contains("at step"), "{error}");
+    let failed_step: u64 = error
+        .split("at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("the message names the step");
+    let store = CheckpointStore::open(&format!("{}/checkpoints", dir.path().display()), 3).unwrap();
+    let latest = store.latest_valid().unwrap().expect("the good steps were checkpointed");
+    assert_eq!(latest.state.step, failed_step - 1);
+}
+
+#[test]
+fn sampling_and_inspect_read_what_training_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = train(&tiny_job(dir.path(), 2), &Resume::Never).unwrap();
+    let grid = outcome.sample_grid.expect("at_end sampling writes a grid");
+    assert!(grid.ends_with("step-000000002.png"), "{grid}");
+
+    let request = ditrun::sample::SampleRequest {
+        checkpoint: format!("{}/checkpoints", dir.path().display()),
+        prompts: vec!["a photo of a red circle".into(), "a photo of a green triangle".into()],
+        options: ditrun::sample::SampleOptions {
+            cfg: 2.0,
+            steps: 2,
+            sampler: ditrun::flow::Sampler::Heun,
+            per_prompt: 3,
+            seed: 1,
+        },
+    };
+    let out_dir = dir.path().join("images");
+    let written = ditrun::sample::sample_checkpoint(&request, None, Some(&out_dir)).unwrap();
+    assert_eq!(written.len(), 6);
+    assert!(written[0].ends_with("a-photo-of-a-red-circle-000.png"), "{:?}", written[0]);
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&written[5]).unwrap()));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (8, 8));
+
+    let checkpoint = ditrun::inspect::inspect(&format!("{}/checkpoints/step-000000002", dir.path().display())).unwrap();
+    assert_eq!(checkpoint["kind"], "checkpoint");
+    assert_eq!(checkpoint["state"]["step"], 2);
+    let shards = ditrun::inspect::inspect(&format!("{}/shards", dir.path().display())).unwrap();
+    assert_eq!(shards["kind"], "shards");
+    assert_eq!(shards["index"]["total_samples"], 64);
+}
