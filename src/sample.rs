@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use crate::error::{Error, Result};
 use crate::flow::{sample, Guidance, Sampler};
 use crate::model::TextConditionalDiT;
-use crate::text::{TextEmbeddingCache, TextEncoder};
+use crate::text::TextEmbeddingCache;
 
 #[derive(Clone, Debug)]
 pub struct SampleOptions {
@@ -102,13 +102,7 @@ pub fn sample_checkpoint(
     let images = crate::with_backend!(backend, B => {
         let device = burn::tensor::Device::<B>::default();
         let model = crate::train::model_from_checkpoint::<B>(&checkpoint, &job.dit_config(), &device)?;
-        let encoder = TextEncoder::<B>::load(
-            job.text_encoder.weights.as_deref(),
-            &job.clip_config(),
-            job.train.seed,
-            &device,
-        )?;
-        let mut cache = TextEmbeddingCache::new(encoder);
+        let mut cache = TextEmbeddingCache::<B>::for_job(&job, &device)?;
         Ok::<_, crate::Error>(generate(&model, &mut cache, &request.prompts, &request.options))
     })?;
     let (size, channels) = (job.model.image_size, job.model.channels);

@@ -234,17 +234,7 @@ fn download_to(url: &str, part: &Path, expected_bytes: Option<u64>) -> Result<St
 }
 
 fn md5_of_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => return Ok(hex::encode(hasher.finalize())),
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(path, e)),
-        }
-    }
+    crate::storage::weights::digest_file::<Md5>(path)
 }
 
 /// The samples of `split`, read from the archive at `archive`: keys number the records of the

@@ -213,8 +213,13 @@ fn open_part(part: &Path, offset: u64) -> Result<File> {
 }
 
 fn sha256_of_file(path: &Path) -> Result<String> {
+    digest_file::<Sha256>(path)
+}
+
+/// Hex digest of a file's contents, read in 1 MiB pieces (multi-GB files stay out of memory).
+pub fn digest_file<D: sha2::Digest>(path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
+    let mut hasher = D::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         match file.read(&mut buf) {

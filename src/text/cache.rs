@@ -25,6 +25,14 @@ pub struct TextEmbeddingCache<B: Backend> {
 }
 
 impl<B: Backend> TextEmbeddingCache<B> {
+    /// The cache over the job's text encoder (`text_encoder.*`, seeded by `train.seed` when it
+    /// has no pretrained weights, so training and sampling get the same random encoder).
+    pub fn for_job(job: &crate::config::JobSpec, device: &B::Device) -> crate::Result<Self> {
+        let weights = job.text_encoder.weights.as_deref();
+        let encoder = TextEncoder::load(weights, &job.clip_config(), job.train.seed, device)?;
+        Ok(Self::new(encoder))
+    }
+
     pub fn new(encoder: TextEncoder<B>) -> Self {
         let width = encoder.model.width();
         Self {

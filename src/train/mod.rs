@@ -33,7 +33,7 @@ use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
 use crate::metrics::{image_grid, EventWriter, HParamValue, Progress, StepStats};
 use crate::model::TextConditionalDiT;
 use crate::sample::{generate, SampleOptions};
-use crate::text::{TextEmbeddingCache, TextEncoder};
+use crate::text::TextEmbeddingCache;
 
 /// Where a run starts from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,13 +99,7 @@ fn train_on<AB: AutodiffBackend>(
     let source = Arc::new(ObjectStoreShards::open(&shards_url)?);
     check_data_fits_model(&shards_url, source.index(), job)?;
 
-    let encoder = TextEncoder::<AB::InnerBackend>::load(
-        job.text_encoder.weights.as_deref(),
-        &job.clip_config(),
-        job.train.seed,
-        &device,
-    )?;
-    let mut cache = TextEmbeddingCache::new(encoder);
+    let mut cache = TextEmbeddingCache::<AB::InnerBackend>::for_job(job, &device)?;
     cache.warm(source.index().captions.iter().map(String::as_str).chain([""]));
 
     let fresh = crate::backend::seeded::<AB, _>(&device, job.train.seed, || {
