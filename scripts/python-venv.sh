@@ -13,6 +13,9 @@ BASE_PYTHON="${DITRUN_BASE_PYTHON:-python3}"
 PYTHON_PACKAGES=(
     # EventAccumulator reads event files without TensorFlow.
     "tensorboard==2.20.0"
+    # The S3-compatible server the storage tests run against (the `server` extra brings flask
+    # and flask-cors).
+    "moto[s3,server]==5.2.5"
 )
 
 log() { echo "python-venv: $*" >&2; }
