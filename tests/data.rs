@@ -2,6 +2,8 @@
 //! damaged-input case with the message it must give, CIFAR-10 archives generated here and
 //! served from a local HTTP server, and Fashion-MNIST IDX files.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Cursor, Read, Write};
@@ -21,6 +23,7 @@ use ditrun::data::{
     prepare, prepare_with, read_index, read_shard, synthetic, synthetic_captions, DatasetKind,
     PrepareOptions, Sample, ShardIndex, ShardWriter, Split,
 };
+use common::{idx_images, idx_labels};
 use md5::{Digest, Md5};
 use sha2::Sha256;
 
@@ -880,21 +883,6 @@ fn cifar10_archive_with_a_truncated_batch_names_the_member() {
 // Fashion-MNIST
 // ---------------------------------------------------------------------------------------------
 
-fn idx_images(images: &[Vec<u8>]) -> Vec<u8> {
-    let mut bytes = vec![0, 0, 8, 3];
-    for dim in [images.len() as u32, 28, 28] {
-        bytes.extend(dim.to_be_bytes());
-    }
-    images.iter().for_each(|image| bytes.extend(image));
-    bytes
-}
-
-fn idx_labels(labels: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![0, 0, 8, 1];
-    bytes.extend((labels.len() as u32).to_be_bytes());
-    bytes.extend(labels);
-    bytes
-}
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

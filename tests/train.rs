@@ -1,6 +1,8 @@
 //! The training loop end to end on a tiny model: exact resume, a non-finite loss, sampling
 //! and inspecting what a run wrote.
 
+mod common;
+
 use std::path::Path;
 
 use ditrun::checkpoint::CheckpointStore;
@@ -106,4 +108,30 @@ fn sampling_and_inspect_read_what_training_wrote() {
     let shards = ditrun::inspect::inspect(&format!("{}/shards", dir.path().display())).unwrap();
     assert_eq!(shards["kind"], "shards");
     assert_eq!(shards["index"]["total_samples"], 64);
+}
+
+/// A job that prepares a real dataset on first use: its channels come from the dataset
+/// (Fashion-MNIST: 1), and the shards must fit the model before training starts.
+#[test]
+fn a_job_prepares_fashion_mnist_on_first_use_and_trains_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("fashion");
+    std::fs::create_dir_all(&raw).unwrap();
+    let images: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i * 15; 28 * 28]).collect();
+    let labels: Vec<u8> = (0..16u8).map(|i| i % 10).collect();
+    std::fs::write(raw.join("train-images-idx3-ubyte"), common::idx_images(&images)).unwrap();
+    std::fs::write(raw.join("train-labels-idx1-ubyte"), common::idx_labels(&labels)).unwrap();
+    let mut job = tiny_job(dir.path(), 2);
+    job.model.image_size = 32;
+    job.model.channels = 1;
+    job.sample.prompts = vec!["a photo of an ankle boot".into()];
+    let yaml = job.to_yaml().replace("dataset: synthetic", "dataset: fashion-mnist");
+    let mut job = JobSpec::from_yaml(&yaml, "fashion-job.yaml").unwrap();
+    job.data.prepare.as_mut().unwrap().source = Some(raw.display().to_string());
+    job.data.prepare.as_mut().unwrap().samples = None;
+    let outcome = train(&job, &Resume::Never).unwrap();
+    assert_eq!(outcome.steps_done, 2);
+    let index = ditrun::data::read_index(&format!("{}/shards", dir.path().display())).unwrap();
+    assert_eq!((index.channels, index.image_size, index.total_samples), (1, 32, 16));
+    assert!(index.captions.contains(&"a photo of an ankle boot".to_string()));
 }

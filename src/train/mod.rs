@@ -27,7 +27,7 @@ pub use state::{
 use crate::checkpoint::{CheckpointStore, LoadedCheckpoint};
 use crate::config::{location_url, JobSpec};
 use crate::data::stream::{BatchStream, ObjectStoreShards, ShardSource, StreamOptions};
-use crate::data::{prepare_with, PrepareOptions};
+use crate::data::{prepare_with, DatasetKind, PrepareOptions};
 use crate::error::{Error, Result};
 use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
 use crate::metrics::{image_grid, EventWriter, HParamValue, Progress, StepStats};
@@ -288,7 +288,11 @@ fn prepare_if_missing(shards_url: &str, job: &JobSpec) -> Result<()> {
     options.samples = spec.samples;
     options.samples_per_shard = spec.samples_per_shard;
     options.image_size = Some(job.model.image_size);
-    options.channels = Some(job.model.channels);
+    // Real datasets fix their channels (and `check_data_fits_model` compares them with the
+    // model's); only generated data is drawn with the model's.
+    if spec.dataset == DatasetKind::Synthetic {
+        options.channels = Some(job.model.channels);
+    }
     options.seed = job.train.seed;
     prepare_with(&options)?;
     Ok(())

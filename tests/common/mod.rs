@@ -62,3 +62,21 @@ pub fn relative_error(actual: &[f32], expected: &[f32]) -> f64 {
     assert!(diff.is_finite(), "non-finite values");
     diff / scale.max(f64::MIN_POSITIVE)
 }
+
+/// A Fashion-MNIST image file (IDX, 28×28 u8) holding `images`.
+pub fn idx_images(images: &[Vec<u8>]) -> Vec<u8> {
+    let mut bytes = vec![0, 0, 8, 3];
+    for dim in [images.len() as u32, 28, 28] {
+        bytes.extend(dim.to_be_bytes());
+    }
+    images.iter().for_each(|image| bytes.extend(image));
+    bytes
+}
+
+/// A Fashion-MNIST label file (IDX, u8) holding `labels`.
+pub fn idx_labels(labels: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![0, 0, 8, 1];
+    bytes.extend((labels.len() as u32).to_be_bytes());
+    bytes.extend(labels);
+    bytes
+}
