@@ -163,7 +163,6 @@ fn train_on<AB: AutodiffBackend>(
     let mut progress = Progress::new(total, start_step, job.logging.every_steps);
     let mut last_loss = f64::NAN;
     let mut last_checkpoint = None;
-    let mut saving = None;
     let mut sample_grid = None;
     let mut steps_done = start_step;
     for step in start_step..total {
@@ -183,8 +182,8 @@ fn train_on<AB: AutodiffBackend>(
 
         let loss_value: f64 = loss.clone().into_scalar().elem();
         if !loss_value.is_finite() {
-            if let Some(handle) = saving.take() {
-                crate::checkpoint::SaveHandle::wait(handle)?;
+            if let Some(store) = &checkpoints {
+                store.wait_all()?;
             }
             return Err(Error::Training(format!(
                 "the loss became {loss_value} at step {}; stopping. The last good checkpoint \
@@ -241,10 +240,9 @@ fn train_on<AB: AutodiffBackend>(
             let periodic = job.checkpoint.every_steps > 0 && done % job.checkpoint.every_steps == 0;
             if periodic || last || stopping {
                 let (state, files) = TrainingState::pack(&model, &ema, &optimizer, done, resume_at, job)?;
-                if let Some(previous) = saving.take() {
-                    crate::checkpoint::SaveHandle::wait(previous)?;
-                }
-                saving = Some(store.save_async(state, files)?);
+                // The store runs one save at a time: this waits for the previous one and
+                // returns its error, if any; `wait_all` below reports the last.
+                store.save_async(state, files)?;
                 last_checkpoint = Some(store.step_url(done));
             }
         }
@@ -255,9 +253,6 @@ fn train_on<AB: AutodiffBackend>(
         }
     }
     progress.finish();
-    if let Some(handle) = saving.take() {
-        handle.wait()?;
-    }
     if let Some(store) = &checkpoints {
         store.wait_all()?;
     }
