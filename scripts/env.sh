@@ -5,8 +5,15 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 mkdir -p "$CARGO_TARGET_DIR"
 
 # Debian packages the build and tests use: a C toolchain for aws-lc-sys (TLS for
-# object stores and downloads), pkg-config for -sys crates.
-SYSTEM_PACKAGES=(build-essential pkg-config)
+# object stores and downloads), pkg-config for -sys crates, OpenMPI (the CPU ranks'
+# collectives, mpirun for the 2-rank tests) and libclang (the mpi crate's bindgen).
+SYSTEM_PACKAGES=(build-essential pkg-config libopenmpi-dev openmpi-bin libclang-dev)
+
+# mpirun refuses to run as root (CI, containers) unless told twice.
+if [ "$(id -u)" = 0 ]; then
+    export OMPI_ALLOW_RUN_AS_ROOT="${OMPI_ALLOW_RUN_AS_ROOT:-1}"
+    export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}"
+fi
 
 install_system_packages() {
     local missing=()

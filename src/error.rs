@@ -142,6 +142,10 @@ pub enum Error {
     /// The training run itself cannot go on (a non-finite loss, state that does not fit).
     #[error("training: {0}")]
     Training(String),
+
+    /// The ranks of a job cannot work together (different inputs, a rank that did not arrive).
+    #[error("distributed: {0}")]
+    Distributed(String),
 }
 
 impl Error {

@@ -4,7 +4,7 @@
 //! `text/` (the frozen encoder and its caption cache), `data/` (datasets, caption shards, the
 //! streaming reader), `storage/` (URLs to object stores, weight downloads), `checkpoint/`
 //! (save, commit, retention, resume), `metrics/` (TensorBoard events, console progress),
-//! `config/` (job specs), `train/` (the training loop); `sample`, `inspect` and `bench` back the
+//! `config/` (job specs), `dist/` (ranks, collectives, the launcher), `train/` (the training loop); `sample`, `inspect` and `bench` back the
 //! subcommands of the same names.
 
 pub mod backend;
@@ -12,6 +12,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod flow;
 pub mod inspect;

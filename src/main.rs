@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -7,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 use ditrun::backend::{set_cpu_threads, BackendKind};
 use ditrun::bench::{self, BenchOptions};
 use ditrun::data::{DatasetKind, PrepareOptions, Split};
+use ditrun::dist::World;
 use ditrun::flow::Sampler;
 use ditrun::model::{ClipTextConfig, TextDiTConfig};
 use ditrun::train::Resume;
@@ -56,6 +58,30 @@ enum Command {
         /// auto (the latest valid checkpoint, if any), never, or a checkpoint URL.
         #[arg(long, default_value = "auto")]
         resume: Resume,
+        /// Stop after this step with a checkpoint, as a preempted job would; `--resume auto`
+        /// continues the same run.
+        #[arg(long, value_name = "STEP")]
+        stop_after: Option<u64>,
+    },
+    /// Run a ditrun command on several ranks through mpirun (one per GPU), and restart the job
+    /// from its latest checkpoint when a rank dies: `ditrun launch --nproc-per-node auto -- train --job J`.
+    Launch {
+        /// Ranks on this node: a number, or auto (GPUs in CUDA_VISIBLE_DEVICES, else
+        /// `nvidia-smi -L`, else one CPU rank per NUMA node).
+        #[arg(long, default_value = "auto")]
+        nproc_per_node: String,
+        /// Restarts after a failed attempt, each from the latest committed checkpoint.
+        #[arg(long, default_value_t = 0)]
+        max_restarts: u32,
+        /// The mpirun to use.
+        #[arg(long, default_value = "mpirun")]
+        mpirun: String,
+        /// An extra mpirun argument, e.g. --mpirun-arg=--hostfile --mpirun-arg=hosts (repeatable).
+        #[arg(long = "mpirun-arg", allow_hyphen_values = true, value_name = "ARG")]
+        mpirun_args: Vec<String>,
+        /// The ditrun command each rank runs, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
     },
     /// Generate images from prompts with a checkpoint's EMA weights.
     Sample {
@@ -109,6 +135,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,6 +148,28 @@ fn main() -> ExitCode {
 
 fn all_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// One rank of `ditrun train` (the only one without a launcher). A rank that fails ends the
+/// whole job at once, so that the others do not wait for it until their collective timeout.
+fn train_rank(job: Option<PathBuf>, overrides: &[String], resume: &Resume, stop_after: Option<u64>) -> anyhow::Result<()> {
+    let world = World::from_env()?;
+    let job = ditrun::config::load_job(job.as_deref(), overrides)?;
+    set_cpu_threads(job.train.threads.unwrap_or_else(|| world.default_cpu_threads()));
+    let collective = ditrun::dist::connect(&world, Duration::from_secs_f64(job.dist.timeout_secs))?;
+    let _rank_span = world.is_distributed().then(|| tracing::info_span!("rank", rank = world.rank).entered());
+    match ditrun::train::train_ranked(&job, resume, stop_after, &world, collective.as_ref()) {
+        Ok(outcome) => {
+            println!("{}", serde_json::to_string(&outcome)?);
+            Ok(())
+        }
+        Err(error) if world.is_distributed() => {
+            tracing::error!("rank {} of {} failed: {error}", world.rank, world.world_size);
+            eprintln!("error: rank {} of {}: {error:#}", world.rank, world.world_size);
+            collective.abort(1)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -137,11 +186,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let index = ditrun::data::prepare_with(&options)?;
             println!("{}", serde_json::to_string_pretty(&index)?);
         }
-        Command::Train { job, overrides, resume } => {
-            let job = ditrun::config::load_job(job.as_deref(), &overrides)?;
-            set_cpu_threads(job.train.threads.unwrap_or_else(all_cores));
-            let outcome = ditrun::train::train(&job, &resume)?;
-            println!("{}", serde_json::to_string(&outcome)?);
+        Command::Train { job, overrides, resume, stop_after } => train_rank(job, &overrides, &resume, stop_after)?,
+        Command::Launch { nproc_per_node, max_restarts, mpirun, mpirun_args, command } => {
+            let ranks = match nproc_per_node.as_str() {
+                "auto" => None,
+                n => Some(n.parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--nproc-per-node: expected a number or auto, got {n:?}")
+                })?),
+            };
+            let options = ditrun::dist::launch::LaunchOptions {
+                ranks,
+                max_restarts,
+                command,
+                program: std::env::current_exe()?,
+                mpirun,
+                mpirun_args,
+            };
+            let code = ditrun::dist::launch::launch(&options)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
         }
         Command::Sample { checkpoint, prompts, cfg, steps, sampler, seed, per_prompt, out, out_dir } => {
             set_cpu_threads(all_cores());

@@ -10,7 +10,7 @@ use serde_norway::{Mapping, Value};
 
 use super::keylines::key_lines;
 use super::spec::{
-    CheckpointSpec, DataSpec, JobSpec, LoggingSpec, ModelSpec, SampleSpec, TextEncoderSpec,
+    CheckpointSpec, DataSpec, DistSpec, JobSpec, LoggingSpec, ModelSpec, SampleSpec, TextEncoderSpec,
     TrainSpec,
 };
 use crate::error::{Error, Result};
@@ -136,6 +136,8 @@ struct FileShape {
     logging: LoggingSpec,
     #[serde(default)]
     sample: SampleSpec,
+    #[serde(default)]
+    dist: DistSpec,
 }
 
 enum Files {

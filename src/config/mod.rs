@@ -8,6 +8,6 @@ mod spec;
 
 pub use load::{load_job, location_url, QUICKSTART_JOB};
 pub use spec::{
-    BackendChoice, CheckpointSpec, DataSpec, DatasetKind, JobSpec, LoggingSpec, ModelSpec,
+    BackendChoice, CheckpointSpec, DataSpec, DatasetKind, DistSpec, JobSpec, LoggingSpec, ModelSpec,
     PrepareSpec, SampleSpec, Split, TextEncoderSpec, TrainSpec,
 };

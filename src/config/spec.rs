@@ -30,6 +30,7 @@ pub struct JobSpec {
     pub checkpoint: CheckpointSpec,
     pub logging: LoggingSpec,
     pub sample: SampleSpec,
+    pub dist: DistSpec,
 }
 
 /// The DiT's sizes; defaults are the seed's model (18,145,072 parameters).
@@ -78,6 +79,8 @@ pub struct DataSpec {
     pub shuffle_window: usize,
     /// Batches decoded ahead of the training step on background threads (≥ 1).
     pub prefetch: usize,
+    /// Threads decoding PNGs per rank (≥ 1).
+    pub decode_threads: usize,
 }
 
 /// What `ditrun prepare` writes when the shards are missing.
@@ -101,8 +104,13 @@ pub struct PrepareSpec {
 pub struct TrainSpec {
     /// Optimiser steps in the whole run (a resumed run continues up to this).
     pub steps: u64,
-    /// Global batch (images per optimiser step).
+    /// Global batch: images per optimiser step over all ranks
+    /// (= micro_batch_size × ranks × accumulation steps).
     pub batch_size: usize,
+    /// Images per rank per forward pass; unset = batch_size / ranks (no accumulation). When
+    /// smaller, gradients accumulate over batch_size / (micro_batch_size × ranks) passes, so
+    /// the same job runs on fewer ranks with the same global batch and sample order.
+    pub micro_batch_size: Option<usize>,
     /// Peak learning rate (after warm-up).
     pub lr: f64,
     pub weight_decay: f64,
@@ -121,6 +129,18 @@ pub struct TrainSpec {
     pub backend: BackendChoice,
     /// CPU threads; unset = all cores.
     pub threads: Option<usize>,
+}
+
+/// How ranks work together (used when the job runs on several ranks).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistSpec {
+    /// Size of the gradient buckets averaged in one collective, in MB (PyTorch DDP: 25).
+    pub bucket_mb: f64,
+    /// A collective that does not complete within this many seconds ends the job, naming the
+    /// rank(s) that did not arrive. It must cover the longest pause of one rank alone
+    /// (rank 0 writing sample grids, preparing shards on first use).
+    pub timeout_secs: f64,
 }
 
 /// `auto` takes the GPU when the binary has one, else the fastest CPU backend compiled in.
@@ -189,6 +209,7 @@ impl Default for JobSpec {
             checkpoint: CheckpointSpec::default(),
             logging: LoggingSpec::default(),
             sample: SampleSpec::default(),
+            dist: DistSpec::default(),
         }
     }
 }
@@ -231,7 +252,14 @@ impl Default for DataSpec {
             prepare: None,
             shuffle_window: 4,
             prefetch: 4,
+            decode_threads: 1,
         }
+    }
+}
+
+impl Default for DistSpec {
+    fn default() -> Self {
+        Self { bucket_mb: 25.0, timeout_secs: 600.0 }
     }
 }
 
@@ -252,6 +280,7 @@ impl Default for TrainSpec {
         Self {
             steps: 10_000,
             batch_size: 64,
+            micro_batch_size: None,
             lr: 1e-4,
             weight_decay: 0.01,
             betas: [0.9, 0.999],
@@ -351,6 +380,41 @@ impl JobSpec {
             .or_else(|| self.train_problem())
             .or_else(|| self.output_problem())
             .or_else(|| self.sample_problem())
+            .or_else(|| self.dist_problem())
+    }
+
+    fn dist_problem(&self) -> Option<(&'static str, String)> {
+        let d = &self.dist;
+        let checks: [(bool, &'static str, String); 2] = [
+            (
+                !(d.bucket_mb.is_finite() && d.bucket_mb > 0.0),
+                "dist.bucket_mb",
+                format!("must be > 0, got {}", d.bucket_mb),
+            ),
+            (
+                !(d.timeout_secs.is_finite() && d.timeout_secs > 0.0),
+                "dist.timeout_secs",
+                format!("must be > 0, got {}", d.timeout_secs),
+            ),
+        ];
+        first_failed(checks)
+    }
+
+    /// How `world_size` ranks make up one global batch: (micro-batch per rank, accumulation
+    /// passes). The global batch and its sample order do not depend on the number of ranks.
+    pub fn batch_plan(&self, world_size: usize) -> crate::Result<(usize, usize)> {
+        let t = &self.train;
+        let micro = t.micro_batch_size.unwrap_or(t.batch_size / world_size.max(1));
+        let per_pass = micro * world_size;
+        if micro == 0 || t.batch_size % per_pass != 0 {
+            return Err(crate::Error::Config(format!(
+                "train.batch_size {} cannot be split over {world_size} rank(s) with train.micro_batch_size {}: \
+                 it must be a multiple of micro_batch_size × ranks",
+                t.batch_size,
+                t.micro_batch_size.map(|m| m.to_string()).unwrap_or_else(|| format!("unset (= {micro})")),
+            )));
+        }
+        Ok((micro, t.batch_size / per_pass))
     }
 
     fn model_problem(&self) -> Option<(&'static str, String)> {
@@ -458,6 +522,9 @@ impl JobSpec {
         if d.prefetch == 0 {
             return Some(("data.prefetch", "must be ≥ 1 batch".into()));
         }
+        if d.decode_threads == 0 {
+            return Some(("data.decode_threads", "must be ≥ 1".into()));
+        }
         d.prepare.as_ref().and_then(|p| self.prepare_problem(p))
     }
 
@@ -519,9 +586,23 @@ impl JobSpec {
     fn train_problem(&self) -> Option<(&'static str, String)> {
         let t = &self.train;
         let unit = |x: f64| (0.0..1.0).contains(&x);
-        let checks: [(bool, &'static str, String); 10] = [
+        let checks: [(bool, &'static str, String); 12] = [
             (t.steps == 0, "train.steps", "must be > 0".into()),
             (t.batch_size == 0, "train.batch_size", "must be > 0".into()),
+            (
+                t.micro_batch_size == Some(0),
+                "train.micro_batch_size",
+                "must be > 0 (or unset for batch_size / ranks)".into(),
+            ),
+            (
+                t.micro_batch_size.is_some_and(|m| m > 0 && t.batch_size % m != 0),
+                "train.micro_batch_size",
+                format!(
+                    "{} does not divide train.batch_size {}",
+                    t.micro_batch_size.unwrap_or(0),
+                    t.batch_size
+                ),
+            ),
             (
                 !(t.lr.is_finite() && t.lr > 0.0),
                 "train.lr",

@@ -16,6 +16,8 @@ pub struct StepStats {
     pub step_secs: f64,
     /// Time this step waited for its batch from the data loader.
     pub data_wait_secs: f64,
+    /// Time this step spent averaging gradients over ranks (0 on one rank).
+    pub allreduce_secs: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,8 +153,13 @@ impl Drop for Progress {
 
 /// One log line: every number a reader needs to judge a run's health from plain logs.
 pub fn format_stats(stats: &StepStats, total_steps: u64) -> String {
+    let allreduce = if stats.allreduce_secs > 0.0 {
+        format!(", all-reduce {:.3} s", stats.allreduce_secs)
+    } else {
+        String::new()
+    };
     format!(
-        "step {}/{}: loss {:.5}, lr {:.3e}, grad norm {:.4}, {:.1} images/s, step {:.3} s, data wait {:.3} s",
+        "step {}/{}: loss {:.5}, lr {:.3e}, grad norm {:.4}, {:.1} images/s, step {:.3} s, data wait {:.3} s{}",
         stats.step,
         total_steps,
         stats.loss,
@@ -160,7 +167,8 @@ pub fn format_stats(stats: &StepStats, total_steps: u64) -> String {
         stats.grad_norm,
         stats.images_per_sec,
         stats.step_secs,
-        stats.data_wait_secs
+        stats.data_wait_secs,
+        allreduce
     )
 }
 
@@ -203,6 +211,7 @@ mod tests {
             images_per_sec: 640.0,
             step_secs: 0.1,
             data_wait_secs: 0.002,
+            allreduce_secs: 0.0,
         }
     }
 

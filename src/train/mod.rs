@@ -11,25 +11,27 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
 
 pub use params::{global_grad_norm, scale_grads, update_ema, with_path_ids};
 pub use schedule::learning_rate;
 pub use state::{
-    job_of_checkpoint, model_from_checkpoint, restore_optimizer, TrainingState, EMA_FILE, JOB_KEY,
-    MODEL_FILE, OPTIMIZER_FILE,
+    job_of_checkpoint, model_from_checkpoint, restore_optimizer, snapshot_from_bytes, snapshot_to_bytes,
+    TrainingState, EMA_FILE, JOB_KEY, MODEL_FILE, OPTIMIZER_FILE,
 };
 
 use crate::checkpoint::{CheckpointStore, LoadedCheckpoint};
 use crate::config::{location_url, JobSpec};
 use crate::data::stream::{BatchStream, ObjectStoreShards, ShardSource, StreamOptions};
 use crate::data::{prepare_with, DatasetKind, PrepareOptions};
+use crate::dist::{average_gradients, ensure_same_on_all_ranks, parameter_digest, Collective, SingleProcess, World};
 use crate::error::{Error, Result};
-use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
+use crate::flow::{flow_matching_loss, FlowBatch};
 use crate::metrics::{image_grid, EventWriter, HParamValue, Progress, StepStats};
 use crate::model::TextConditionalDiT;
 use crate::sample::{generate, SampleOptions};
@@ -57,7 +59,7 @@ impl std::str::FromStr for Resume {
     }
 }
 
-/// What a finished run reports.
+/// What a finished run reports (each rank prints its own).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainOutcome {
     pub steps_done: u64,
@@ -66,6 +68,13 @@ pub struct TrainOutcome {
     pub config_hash: String,
     pub last_checkpoint: Option<String>,
     pub sample_grid: Option<String>,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Images per rank per forward pass, and passes per optimiser step.
+    pub micro_batch_size: usize,
+    pub accumulation_steps: usize,
+    /// sha256 of the final parameters' bits: equal on every rank of a run.
+    pub params_sha256: String,
 }
 
 pub fn train(job: &JobSpec, resume: &Resume) -> Result<TrainOutcome> {
@@ -75,32 +84,123 @@ pub fn train(job: &JobSpec, resume: &Resume) -> Result<TrainOutcome> {
 /// Like [`train`], but stops after step `stop_after` as a preempted job would: with a
 /// checkpoint of that step, from which `Resume::Auto` continues the same run.
 pub fn train_until(job: &JobSpec, resume: &Resume, stop_after: Option<u64>) -> Result<TrainOutcome> {
-    let backend = job.train.backend.resolve()?;
-    crate::with_backend!(backend, B => train_on::<burn::backend::Autodiff<B>>(job, resume, stop_after))
+    train_ranked(job, resume, stop_after, &World::single(), &SingleProcess)
 }
 
-/// One step's randomness (noise, times, caption dropout), a pure function of (seed, step):
-/// a resumed run draws exactly what the uninterrupted run drew, with no RNG state to store.
-fn step_rng(seed: u64, step: u64) -> StdRng {
-    StdRng::seed_from_u64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17))
+/// One rank of a data-parallel run: every rank calls this with the same job; gradients are
+/// averaged through `collective`, and rank 0 alone writes checkpoints, events and samples.
+pub fn train_ranked(
+    job: &JobSpec,
+    resume: &Resume,
+    stop_after: Option<u64>,
+    world: &World,
+    collective: &dyn Collective,
+) -> Result<TrainOutcome> {
+    let backend = job.train.backend.resolve()?;
+    let gpu = backend == crate::backend::BackendKind::Cuda;
+    crate::with_backend!(backend, B => {
+        let device = rank_device::<B>(world, gpu)?;
+        train_on::<burn::backend::Autodiff<B>>(job, resume, stop_after, world, collective, device)
+    })
+}
+
+/// Local rank i takes the i-th visible GPU; CPU backends have one device.
+fn rank_device<B: Backend>(world: &World, gpu: bool) -> Result<B::Device> {
+    use burn::tensor::backend::{Device as _, DeviceId};
+    let default = B::Device::default();
+    if !gpu {
+        return Ok(default);
+    }
+    let id = default.to_id();
+    let ordinal = world.gpu_ordinal(B::device_count(id.type_id))?;
+    Ok(B::Device::from_id(DeviceId { type_id: id.type_id, index_id: ordinal as u16 }))
+}
+
+/// One sample's randomness (caption dropout, time, noise), a pure function of (seed, step,
+/// the sample's index in the global batch): a resumed run draws exactly what the
+/// uninterrupted run drew, and a sample gets the same draws whichever rank and accumulation
+/// pass it lands in.
+fn sample_rng(seed: u64, step: u64, index: usize) -> StdRng {
+    let step_key = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
+    StdRng::seed_from_u64(step_key ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+/// The caption-dropout flags, times and noise of `count` samples starting at global index
+/// `first`, each `sample_len` values.
+fn draw_randomness(
+    seed: u64,
+    step: u64,
+    first: usize,
+    count: usize,
+    sample_len: usize,
+    drop_prob: f64,
+) -> (Vec<bool>, Vec<f32>, Vec<f32>) {
+    let mut dropped = Vec::with_capacity(count);
+    let mut times = Vec::with_capacity(count);
+    let mut noise = Vec::with_capacity(count * sample_len);
+    for index in first..first + count {
+        let mut rng = sample_rng(seed, step, index);
+        dropped.push(rng.random::<f64>() < drop_prob);
+        times.push(rng.random::<f32>());
+        noise.extend((0..sample_len).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)));
+    }
+    (dropped, times, noise)
 }
 
 fn train_on<AB: AutodiffBackend>(
     job: &JobSpec,
     resume: &Resume,
     stop_after: Option<u64>,
+    world: &World,
+    collective: &dyn Collective,
+    device: AB::Device,
 ) -> Result<TrainOutcome> {
-    let device = AB::Device::default();
+    let primary = world.is_primary();
     let config_hash = job.hash();
-    tracing::info!(job = %job.name, %config_hash, "effective config:\n{}", job.to_yaml());
+    if primary {
+        tracing::info!(job = %job.name, %config_hash, "effective config:\n{}", job.to_yaml());
+    }
+    let (micro_batch, accumulation) = job.batch_plan(world.world_size)?;
+    if world.is_distributed() {
+        tracing::info!(
+            rank = world.rank,
+            world_size = world.world_size,
+            local_rank = world.local_rank,
+            transport = collective.transport(),
+            micro_batch,
+            accumulation,
+            ?device,
+            "rank ready"
+        );
+    }
+    ensure_same_on_all_ranks(collective, "effective config (sha256 of the job after --set)", &config_hash)?;
 
     let shards_url = location_url(&job.data.shards)?;
-    prepare_if_missing(&shards_url, job)?;
+    // One rank writes missing shards; the others wait for it instead of racing it.
+    if primary {
+        prepare_if_missing(&shards_url, job)?;
+    }
+    collective.barrier("waiting for rank 0 to prepare the shards")?;
     let source = Arc::new(ObjectStoreShards::open(&shards_url)?);
     check_data_fits_model(&shards_url, source.index(), job)?;
+    let index_digest = hex::encode(Sha256::digest(serde_json::to_vec(source.index()).unwrap_or_default()));
+    ensure_same_on_all_ranks(collective, &format!("dataset ({shards_url}/index.json, sha256)"), &index_digest)?;
 
-    let mut cache = TextEmbeddingCache::<AB::InnerBackend>::for_job(job, &device)?;
-    cache.warm(source.index().captions.iter().map(String::as_str).chain([""]));
+    // The first rank of each node fills the weights' download cache; the node's other ranks
+    // then read it instead of downloading the same file into the same place at once.
+    let build_cache = || -> Result<TextEmbeddingCache<AB::InnerBackend>> {
+        let mut cache = TextEmbeddingCache::<AB::InnerBackend>::for_job(job, &device)?;
+        cache.warm(source.index().captions.iter().map(String::as_str).chain([""]));
+        Ok(cache)
+    };
+    let mut cache = if world.local_rank == 0 {
+        let cache = build_cache()?;
+        collective.barrier("waiting for the text encoder weights")?;
+        cache
+    } else {
+        collective.barrier("waiting for the text encoder weights")?;
+        build_cache()?
+    };
 
     let fresh = crate::backend::seeded::<AB, _>(&device, job.train.seed, || {
         job.dit_config().init::<AB>(&device).map(with_path_ids)
@@ -112,36 +212,75 @@ fn train_on<AB: AutodiffBackend>(
         .with_weight_decay(job.train.weight_decay as f32)
         .init::<AB, TextConditionalDiT<AB>>();
 
-    let checkpoints = if job.checkpoint.url.is_empty() {
+    let checkpoints = if job.checkpoint.url.is_empty() || !primary {
         None
     } else {
         Some(CheckpointStore::open(&location_url(&job.checkpoint.url)?, job.checkpoint.keep_last)?)
     };
-    let loaded = match (resume, &checkpoints) {
-        (Resume::Never, _) => None,
-        (Resume::Auto, Some(store)) => store.latest_valid()?,
-        (Resume::Auto, None) => None,
-        (Resume::From(url), _) => Some(crate::checkpoint::load_url(url)?),
-    };
-    let TrainingState { mut model, mut ema, step: start_step, position } = match &loaded {
-        Some(checkpoint) => {
-            warn_if_config_changed(checkpoint, &config_hash);
-            optimizer = restore_optimizer(optimizer, checkpoint, &device)?;
-            TrainingState::restore(fresh, checkpoint)?
+    let loaded = if primary {
+        match (resume, &checkpoints) {
+            (Resume::Never, _) => None,
+            (Resume::Auto, Some(store)) => store.latest_valid()?,
+            (Resume::Auto, None) => None,
+            (Resume::From(url), _) => Some(crate::checkpoint::load_url(url)?),
         }
-        None => TrainingState::start(fresh),
+    } else {
+        None
     };
+    if let Some(checkpoint) = &loaded {
+        warn_if_config_changed(checkpoint, &config_hash);
+    }
     let resumed_from = loaded.as_ref().map(|c| c.state.step);
-    if let Some(step) = resumed_from {
-        tracing::info!(step, epoch = position.epoch, position = position.position, "resumed");
+    let TrainingState { mut model, mut ema, step: start_step, position } = if world.is_distributed() {
+        // Rank 0's state (its checkpoint, or its fresh weights) is every rank's start, so the
+        // ranks begin bit-identical whatever each one initialised or could read.
+        let snapshot = if primary {
+            let snapshot = match loaded {
+                Some(checkpoint) => checkpoint,
+                None => {
+                    let start = TrainingState::<AB>::start(fresh.clone());
+                    let (state, files) =
+                        TrainingState::pack(&start.model, &start.ema, &optimizer, 0, start.position, job)?;
+                    LoadedCheckpoint {
+                        url: "rank 0's initial weights".into(),
+                        state,
+                        files: files.into_iter().collect(),
+                    }
+                }
+            };
+            snapshot_to_bytes(&snapshot)
+        } else {
+            Vec::new()
+        };
+        let snapshot = snapshot_from_bytes(&collective.broadcast(0, snapshot, "starting state from rank 0")?)?;
+        optimizer = restore_optimizer(optimizer, &snapshot, &device)?;
+        let state = TrainingState::restore(fresh, &snapshot)?;
+        let digest = format!("{}{}", parameter_digest(&state.model), parameter_digest(&state.ema));
+        let digest = hex::encode(Sha256::digest(digest.as_bytes()));
+        ensure_same_on_all_ranks(collective, "starting parameters (sha256 of model and EMA)", &digest)?;
+        state
+    } else {
+        match &loaded {
+            Some(checkpoint) => {
+                optimizer = restore_optimizer(optimizer, checkpoint, &device)?;
+                TrainingState::restore(fresh, checkpoint)?
+            }
+            None => TrainingState::start(fresh),
+        }
+    };
+    let resumed_from = if world.is_distributed() { (start_step > 0).then_some(start_step) } else { resumed_from };
+    if primary {
+        if let Some(step) = resumed_from {
+            tracing::info!(step, epoch = position.epoch, position = position.position, "resumed");
+        }
     }
 
-    let mut events = if job.logging.dir.is_empty() {
+    let mut events = if job.logging.dir.is_empty() || !primary {
         None
     } else {
         let mut writer = EventWriter::create(&location_url(&job.logging.dir)?, &job.name)?;
         writer.text("config", start_step, &format!("```yaml\n{}\n```\nhash `{config_hash}`", job.to_yaml()))?;
-        writer.hparams(&hparams(job), &["loss", "grad_norm"])?;
+        writer.hparams(&hparams(job, world.world_size), &["loss", "grad_norm"])?;
         Some(writer)
     };
 
@@ -149,38 +288,78 @@ fn train_on<AB: AutodiffBackend>(
         source.clone(),
         StreamOptions {
             seed: job.train.seed,
-            global_batch: job.train.batch_size,
-            rank: 0,
-            world_size: 1,
+            global_batch: micro_batch * world.world_size,
+            rank: world.rank,
+            world_size: world.world_size,
             shuffle_window: job.data.shuffle_window,
             prefetch_batches: job.data.prefetch,
-            decode_threads: 1,
+            decode_threads: job.data.decode_threads,
         },
         position,
     )?;
 
+    let bucket_bytes = (job.dist.bucket_mb * 1e6) as usize;
     let total = job.train.steps;
-    let mut progress = Progress::new(total, start_step, job.logging.every_steps);
+    let mut progress = primary.then(|| Progress::new(total, start_step, job.logging.every_steps));
     let mut last_loss = f64::NAN;
     let mut last_checkpoint = None;
     let mut sample_grid = None;
     let mut steps_done = start_step;
     for step in start_step..total {
         let started = Instant::now();
-        let waited_before = stream.wait_time();
-        let batch = stream.next_batch()?;
-        let data_wait = (stream.wait_time() - waited_before).as_secs_f64();
-        let resume_at = batch.next;
+        let mut data_wait = 0.0;
+        let mut loss_sum = 0.0;
+        let mut accumulator = GradientsAccumulator::<TextConditionalDiT<AB>>::new();
+        let mut single_pass_grads = None;
+        let mut resume_at = position;
+        for pass in 0..accumulation {
+            let waited_before = stream.wait_time();
+            let batch = stream.next_batch()?;
+            data_wait += (stream.wait_time() - waited_before).as_secs_f64();
+            resume_at = batch.next;
 
-        let mut rng = step_rng(job.train.seed, step);
-        let captions: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
-        let captions = drop_captions(&captions, job.train.text_drop_prob, &mut rng);
-        let (context, mask) = cache.batch::<AB>(&captions, &device);
-        let shape = [batch.batch_size, batch.channels, batch.image_size, batch.image_size];
-        let x0 = Tensor::<AB, 4>::from_data(TensorData::new(batch.pixels, shape), &device);
-        let loss = flow_matching_loss(&model, FlowBatch::draw(x0, &mut rng), context, Some(mask));
-
-        let loss_value: f64 = loss.clone().into_scalar().elem();
+            let shape = [batch.batch_size, batch.channels, batch.image_size, batch.image_size];
+            let first = pass * micro_batch * world.world_size + world.rank * micro_batch;
+            let sample_len = batch.channels * batch.image_size * batch.image_size;
+            let (dropped, times, noise) =
+                draw_randomness(job.train.seed, step, first, batch.batch_size, sample_len, job.train.text_drop_prob);
+            let captions: Vec<&str> = batch
+                .captions
+                .iter()
+                .zip(&dropped)
+                .map(|(caption, &drop)| if drop { "" } else { caption.as_str() })
+                .collect();
+            let (context, mask) = cache.batch::<AB>(&captions, &device);
+            let flow = FlowBatch {
+                x0: Tensor::<AB, 4>::from_data(TensorData::new(batch.pixels, shape), &device),
+                x1: Tensor::<AB, 4>::from_data(TensorData::new(noise, shape), &device),
+                t: Tensor::<AB, 1>::from_data(TensorData::new(times, [batch.batch_size]), &device),
+            };
+            let loss = flow_matching_loss(&model, flow, context, Some(mask));
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            if accumulation == 1 {
+                single_pass_grads = Some(grads);
+            } else {
+                accumulator.accumulate(&model, grads);
+            }
+        }
+        let mut grads = match single_pass_grads {
+            Some(grads) => grads,
+            None => {
+                let mut grads = accumulator.grads();
+                scale_grads(&model, &mut grads, 1.0 / accumulation as f64);
+                grads
+            }
+        };
+        let mut loss_value = loss_sum / accumulation as f64;
+        let allreduce = average_gradients(&model, &mut grads, collective, bucket_bytes)?;
+        if world.is_distributed() {
+            // Every rank takes the same decision on a non-finite loss, so none is left waiting.
+            let mut mean = [loss_value as f32];
+            collective.all_reduce_mean(&mut mean, "loss all-reduce")?;
+            loss_value = mean[0] as f64;
+        }
         if !loss_value.is_finite() {
             if let Some(store) = &checkpoints {
                 store.wait_all()?;
@@ -192,7 +371,6 @@ fn train_on<AB: AutodiffBackend>(
                 last_checkpoint.as_deref().unwrap_or("none written in this run"),
             )));
         }
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let grad_norm = global_grad_norm(&model, &grads);
         if job.train.grad_clip > 0.0 && grad_norm > job.train.grad_clip {
             scale_grads(&model, &mut grads, job.train.grad_clip / grad_norm);
@@ -213,24 +391,30 @@ fn train_on<AB: AutodiffBackend>(
             images_per_sec: job.train.batch_size as f64 / step_secs,
             step_secs,
             data_wait_secs: data_wait,
+            allreduce_secs: allreduce.as_secs_f64(),
         };
-        if progress.update(&stats) {
+        if progress.as_mut().is_some_and(|p| p.update(&stats)) {
             if let Some(writer) = events.as_mut() {
-                for (tag, value) in [
+                let mut scalars = vec![
                     ("train/loss", stats.loss),
                     ("train/lr", stats.lr),
                     ("train/grad_norm", stats.grad_norm),
                     ("train/images_per_sec", stats.images_per_sec),
                     ("train/step_secs", stats.step_secs),
                     ("train/data_wait_secs", stats.data_wait_secs),
-                ] {
+                ];
+                if world.is_distributed() {
+                    scalars.push(("train/allreduce_secs", stats.allreduce_secs));
+                }
+                for (tag, value) in scalars {
                     writer.scalar(tag, done, value)?;
                 }
             }
         }
 
         let last = done == total;
-        let sample_now = job.sample.enabled()
+        let sample_now = primary
+            && job.sample.enabled()
             && ((job.sample.every_steps > 0 && done % job.sample.every_steps == 0)
                 || (last && job.sample.at_end));
         if sample_now {
@@ -239,7 +423,8 @@ fn train_on<AB: AutodiffBackend>(
         if let Some(store) = &checkpoints {
             let periodic = job.checkpoint.every_steps > 0 && done % job.checkpoint.every_steps == 0;
             if periodic || last || stopping {
-                let (state, files) = TrainingState::pack(&model, &ema, &optimizer, done, resume_at, job)?;
+                let (mut state, files) = TrainingState::pack(&model, &ema, &optimizer, done, resume_at, job)?;
+                state.world_size = world.world_size;
                 // The store runs one save at a time: this waits for the previous one and
                 // returns its error, if any; `wait_all` below reports the last.
                 store.save_async(state, files)?;
@@ -248,17 +433,23 @@ fn train_on<AB: AutodiffBackend>(
         }
         steps_done = done;
         if stopping {
-            tracing::info!(step = done, "stopping early as asked");
+            if primary {
+                tracing::info!(step = done, "stopping early as asked");
+            }
             break;
         }
     }
-    progress.finish();
+    if let Some(progress) = &progress {
+        progress.finish();
+    }
     if let Some(store) = &checkpoints {
         store.wait_all()?;
     }
     if let Some(writer) = events {
         writer.close()?;
     }
+    let params_sha256 = parameter_digest(&model.valid());
+    ensure_same_on_all_ranks(collective, &format!("parameters after step {steps_done} (sha256)"), &params_sha256)?;
     Ok(TrainOutcome {
         steps_done,
         resumed_from,
@@ -266,6 +457,11 @@ fn train_on<AB: AutodiffBackend>(
         config_hash,
         last_checkpoint,
         sample_grid,
+        rank: world.rank,
+        world_size: world.world_size,
+        micro_batch_size: micro_batch,
+        accumulation_steps: accumulation,
+        params_sha256,
     })
 }
 
@@ -314,8 +510,9 @@ fn warn_if_config_changed(checkpoint: &LoadedCheckpoint, config_hash: &str) {
     }
 }
 
-fn hparams(job: &JobSpec) -> BTreeMap<String, HParamValue> {
+fn hparams(job: &JobSpec, world_size: usize) -> BTreeMap<String, HParamValue> {
     BTreeMap::from([
+        ("dist.world_size".into(), world_size.into()),
         ("model.dim".into(), job.model.dim.into()),
         ("model.depth".into(), job.model.depth.into()),
         ("model.heads".into(), job.model.heads.into()),

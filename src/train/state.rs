@@ -137,3 +137,46 @@ pub fn job_of_checkpoint(checkpoint: &LoadedCheckpoint) -> Result<JobSpec> {
     })?;
     JobSpec::from_yaml(yaml, &format!("{}/{}", checkpoint.url, crate::checkpoint::STATE_FILE))
 }
+
+/// A checkpoint as one byte string (header length, JSON header, then the files back to
+/// back): how rank 0 hands its starting state to the other ranks.
+pub fn snapshot_to_bytes(checkpoint: &LoadedCheckpoint) -> Vec<u8> {
+    let sizes: Vec<(&String, usize)> = checkpoint.files.iter().map(|(name, bytes)| (name, bytes.len())).collect();
+    let header = serde_json::to_vec(&serde_json::json!({
+        "url": checkpoint.url,
+        "state": checkpoint.state,
+        "files": sizes,
+    }))
+    .expect("a checkpoint header always serialises");
+    let total: usize = 8 + header.len() + sizes.iter().map(|(_, n)| n).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    for bytes in checkpoint.files.values() {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The inverse of [`snapshot_to_bytes`].
+pub fn snapshot_from_bytes(bytes: &[u8]) -> Result<LoadedCheckpoint> {
+    #[derive(serde::Deserialize)]
+    struct Header {
+        url: String,
+        state: crate::checkpoint::CheckpointState,
+        files: Vec<(String, usize)>,
+    }
+    let bad = |why: &str| Error::Training(format!("the starting state received from rank 0 is damaged: {why}"));
+    let header_len = bytes.get(..8).ok_or_else(|| bad("shorter than its header"))?;
+    let header_len = u64::from_le_bytes(header_len.try_into().expect("8 bytes")) as usize;
+    let header_bytes = bytes.get(8..8 + header_len).ok_or_else(|| bad("shorter than its header"))?;
+    let header: Header = serde_json::from_slice(header_bytes).map_err(|e| bad(&e.to_string()))?;
+    let mut offset = 8 + header_len;
+    let mut files = std::collections::BTreeMap::new();
+    for (name, len) in header.files {
+        let data = bytes.get(offset..offset + len).ok_or_else(|| bad(&format!("file {name} is cut short")))?;
+        files.insert(name, Bytes::copy_from_slice(data));
+        offset += len;
+    }
+    Ok(LoadedCheckpoint { url: header.url, state: header.state, files })
+}

@@ -1,0 +1,53 @@
+//! Ranks working together: who this process is ([`World`]), the collectives between ranks
+//! ([`Collective`]: MPI on CPUs, NCCL on GPUs), averaging gradients in DDP-style buckets, and
+//! `ditrun launch` (one rank per GPU, supervision, restarts).
+
+pub mod collective;
+pub mod gradients;
+pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod world;
+
+use std::time::Duration;
+
+pub use collective::{ensure_same_on_all_ranks, Collective, SingleProcess};
+pub use gradients::{average_gradients, parameter_digest};
+pub use world::{World, WorldSource};
+
+use crate::error::{Error, Result};
+
+/// The collective for `world`: nothing to connect for one process, MPI otherwise. A
+/// collective that does not complete within `timeout` ends the job, naming the rank(s) that
+/// did not arrive.
+pub fn connect(world: &World, timeout: Duration) -> Result<Box<dyn Collective>> {
+    if !world.is_distributed() {
+        return Ok(Box::new(SingleProcess));
+    }
+    connect_mpi(world, timeout)
+}
+
+#[cfg(feature = "mpi")]
+fn connect_mpi(world: &World, timeout: Duration) -> Result<Box<dyn Collective>> {
+    let collective = mpi::MpiCollective::init(timeout)?;
+    if collective.world_size() != world.world_size || collective.rank() != world.rank {
+        return Err(Error::Distributed(format!(
+            "the environment ({:?} variables) says rank {} of {}, but MPI sees rank {} of {}: ditrun's \
+             ranks talk over MPI, so start them with `mpirun -np N ditrun ...` or `ditrun launch`",
+            world.source,
+            world.rank,
+            world.world_size,
+            collective.rank(),
+            collective.world_size()
+        )));
+    }
+    Ok(Box::new(collective))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn connect_mpi(world: &World, _: Duration) -> Result<Box<dyn Collective>> {
+    Err(Error::Distributed(format!(
+        "world size {} (from {:?} variables), but this ditrun was built without the `mpi` feature",
+        world.world_size, world.source
+    )))
+}

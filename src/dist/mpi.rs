@@ -1,0 +1,302 @@
+//! Collectives over MPI (OpenMPI on Debian; any MPI-3 library): the CPU ranks' gradient
+//! all-reduce and the bootstrap channel for NCCL.
+//!
+//! Every collective is non-blocking underneath and polled against a deadline, so that a rank
+//! that never arrives ends the job instead of hanging it. To name the rank(s) that did not
+//! arrive, each call also sends its sequence number to every peer on a separate communicator:
+//! when the deadline passes, the peers whose number has not come in are the missing ones.
+
+use std::ffi::c_void;
+use std::os::raw::c_int;
+use std::time::{Duration, Instant};
+
+use mpi::ffi;
+use mpi::raw::AsRaw;
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::Threading;
+
+use super::collective::Collective;
+use crate::error::{Error, Result};
+
+/// MPI counts are C ints: larger buffers travel in pieces of this many elements.
+const MAX_COUNT: usize = 1 << 30;
+const ARRIVAL_TAG: c_int = 17;
+/// Exit code of a job ended because a collective timed out.
+pub const TIMEOUT_EXIT_CODE: i32 = 3;
+
+pub struct MpiCollective {
+    // Field order is drop order: the communicators are freed before MPI is finalised.
+    data: SimpleCommunicator,
+    arrivals: SimpleCommunicator,
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+    sequence: std::cell::Cell<u64>,
+    _universe: mpi::environment::Universe,
+}
+
+impl MpiCollective {
+    /// Initialises MPI (once per process); the collective finalises it when dropped.
+    pub fn init(timeout: Duration) -> Result<Self> {
+        let (universe, _) = mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| {
+            Error::Distributed("MPI is already initialised in this process".into())
+        })?;
+        let world = universe.world();
+        let data = world.duplicate();
+        let arrivals = world.duplicate();
+        Ok(Self {
+            rank: world.rank() as usize,
+            world_size: world.size() as usize,
+            data,
+            arrivals,
+            timeout,
+            sequence: std::cell::Cell::new(0),
+            _universe: universe,
+        })
+    }
+
+    /// Runs one collective: posts the arrival messages, lets `post` start the operation's
+    /// requests, then polls everything until done or the deadline.
+    ///
+    /// `post` hands MPI pointers into buffers the caller borrows for the whole call; they
+    /// stay valid because this returns only once every request completed (or the process
+    /// aborted).
+    fn round(&self, what: &str, post: impl FnOnce(ffi::MPI_Comm, &mut Vec<ffi::MPI_Request>) -> c_int) -> Result<()> {
+        let sequence = self.sequence.get() + 1;
+        self.sequence.set(sequence);
+        let peers: Vec<usize> = (0..self.world_size).filter(|&r| r != self.rank).collect();
+        let outgoing = [sequence];
+        let mut incoming = vec![0u64; peers.len()];
+        let mut arrival_requests = vec![null_request(); peers.len()];
+        let mut send_requests = vec![null_request(); peers.len()];
+        let mut operation: Vec<ffi::MPI_Request> = Vec::new();
+        let arrivals = self.arrivals.as_raw();
+        unsafe {
+            for (slot, &peer) in peers.iter().enumerate() {
+                check(
+                    ffi::MPI_Irecv(
+                        incoming[slot..].as_mut_ptr() as *mut c_void,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        peer as c_int,
+                        ARRIVAL_TAG,
+                        arrivals,
+                        &mut arrival_requests[slot],
+                    ),
+                    what,
+                )?;
+                check(
+                    ffi::MPI_Isend(
+                        outgoing.as_ptr() as *const c_void,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        peer as c_int,
+                        ARRIVAL_TAG,
+                        arrivals,
+                        &mut send_requests[slot],
+                    ),
+                    what,
+                )?;
+            }
+        }
+        check(post(self.data.as_raw(), &mut operation), what)?;
+
+        let deadline = Instant::now() + self.timeout;
+        let mut polls = 0u32;
+        loop {
+            let arrived_all = test_all(&mut arrival_requests);
+            let sent_all = test_all(&mut send_requests);
+            let done = test_all(&mut operation);
+            if arrived_all && sent_all && done {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let missing: Vec<String> = peers
+                    .iter()
+                    .zip(&arrival_requests)
+                    .filter(|(_, request)| !is_null(**request))
+                    .map(|(peer, _)| peer.to_string())
+                    .collect();
+                let message = if missing.is_empty() {
+                    format!(
+                        "{what} (collective #{sequence}) did not complete within {:?} on rank {}: every rank \
+                         arrived, but the transfer stalled (a rank may have died mid-transfer); ending the job",
+                        self.timeout, self.rank
+                    )
+                } else {
+                    format!(
+                        "{what} (collective #{sequence}) did not complete within {:?} on rank {}: rank(s) {} \
+                         did not arrive; ending the job",
+                        self.timeout,
+                        self.rank,
+                        missing.join(", ")
+                    )
+                };
+                tracing::error!("{message}");
+                eprintln!("error: distributed: {message}");
+                self.abort(TIMEOUT_EXIT_CODE);
+            }
+            // Spin briefly (collectives that are about to finish), then sleep so that a rank
+            // waiting for a slower one leaves the cores to it.
+            polls += 1;
+            if polls < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        for (&peer, &theirs) in peers.iter().zip(&incoming) {
+            if theirs != sequence {
+                return Err(Error::Distributed(format!(
+                    "{what}: rank {peer} is at collective #{theirs} while rank {} is at #{sequence}: the ranks \
+                     are running different steps",
+                    self.rank
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn null_request() -> ffi::MPI_Request {
+    unsafe { ffi::RSMPI_REQUEST_NULL }
+}
+
+fn is_null(request: ffi::MPI_Request) -> bool {
+    request == null_request()
+}
+
+/// Tests every pending request (MPI_Test nulls the finished ones); true when none is left.
+fn test_all(requests: &mut [ffi::MPI_Request]) -> bool {
+    let mut all = true;
+    for request in requests.iter_mut().filter(|r| !is_null(**r)) {
+        let mut flag: c_int = 0;
+        unsafe {
+            ffi::MPI_Test(request, &mut flag, ffi::RSMPI_STATUS_IGNORE);
+        }
+        all &= flag != 0;
+    }
+    all
+}
+
+fn check(code: c_int, what: &str) -> Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Error::Distributed(format!("{what}: MPI call failed with error code {code}")))
+    }
+}
+
+impl Collective for MpiCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn transport(&self) -> &'static str {
+        "MPI"
+    }
+
+    fn all_reduce_mean(&self, values: &mut [f32], what: &str) -> Result<()> {
+        let send = values.to_vec();
+        self.round(what, |comm, requests| unsafe {
+            for (send, receive) in send.chunks(MAX_COUNT).zip(values.chunks_mut(MAX_COUNT)) {
+                let mut request = null_request();
+                let code = ffi::MPI_Iallreduce(
+                    send.as_ptr() as *const c_void,
+                    receive.as_mut_ptr() as *mut c_void,
+                    send.len() as c_int,
+                    ffi::RSMPI_FLOAT,
+                    ffi::RSMPI_SUM,
+                    comm,
+                    &mut request,
+                );
+                requests.push(request);
+                if code != 0 {
+                    return code;
+                }
+            }
+            0
+        })?;
+        let scale = 1.0 / self.world_size as f32;
+        values.iter_mut().for_each(|v| *v *= scale);
+        Ok(())
+    }
+
+    fn broadcast(&self, root: usize, mut bytes: Vec<u8>, what: &str) -> Result<Vec<u8>> {
+        let mut length = [bytes.len() as u64];
+        self.round(what, |comm, requests| unsafe {
+            let mut request = null_request();
+            let code = ffi::MPI_Ibcast(
+                length.as_mut_ptr() as *mut c_void,
+                1,
+                ffi::RSMPI_UINT64_T,
+                root as c_int,
+                comm,
+                &mut request,
+            );
+            requests.push(request);
+            code
+        })?;
+        bytes.resize(length[0] as usize, 0);
+        self.round(what, |comm, requests| unsafe {
+            for piece in bytes.chunks_mut(MAX_COUNT) {
+                let mut request = null_request();
+                let code = ffi::MPI_Ibcast(
+                    piece.as_mut_ptr() as *mut c_void,
+                    piece.len() as c_int,
+                    ffi::RSMPI_UINT8_T,
+                    root as c_int,
+                    comm,
+                    &mut request,
+                );
+                requests.push(request);
+                if code != 0 {
+                    return code;
+                }
+            }
+            0
+        })?;
+        Ok(bytes)
+    }
+
+    fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+        let mut all = vec![0u8; mine.len() * self.world_size];
+        self.round(what, |comm, requests| unsafe {
+            let mut request = null_request();
+            let code = ffi::MPI_Iallgather(
+                mine.as_ptr() as *const c_void,
+                mine.len() as c_int,
+                ffi::RSMPI_UINT8_T,
+                all.as_mut_ptr() as *mut c_void,
+                mine.len() as c_int,
+                ffi::RSMPI_UINT8_T,
+                comm,
+                &mut request,
+            );
+            requests.push(request);
+            code
+        })?;
+        Ok(all.chunks(mine.len().max(1)).map(<[u8]>::to_vec).collect())
+    }
+
+    fn barrier(&self, what: &str) -> Result<()> {
+        self.round(what, |comm, requests| unsafe {
+            let mut request = null_request();
+            let code = ffi::MPI_Ibarrier(comm, &mut request);
+            requests.push(request);
+            code
+        })
+    }
+
+    fn abort(&self, code: i32) -> ! {
+        unsafe {
+            ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code);
+        }
+        // MPI_Abort does not return; should an MPI library return anyway, still end this rank.
+        std::process::exit(code)
+    }
+}
