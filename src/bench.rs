@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::backend::BackendKind;
+use crate::dist::{average_gradients, Collective};
 use crate::error::Result;
 use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
 use crate::model::{ClipTextConfig, TextDiTConfig};
@@ -46,6 +47,8 @@ pub struct BenchOptions {
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// Data-parallel ranks: `images_per_s` counts all of them, `batch` is per rank.
+    pub ranks: usize,
     #[serde(rename = "impl")]
     pub implementation: &'static str,
     pub backend: BackendKind,
@@ -58,14 +61,19 @@ pub struct BenchReport {
     pub context_tokens: usize,
     /// Median of the timed steps.
     pub step_s: f64,
+    /// Median time of a step's gradient all-reduce (0 on one rank), and its share of the step.
+    pub allreduce_s: f64,
+    pub allreduce_share: f64,
     pub images_per_s: f64,
 }
 
-pub fn run(options: &BenchOptions) -> Result<BenchReport> {
-    crate::with_backend!(options.backend, B => run_on::<burn::backend::Autodiff<B>>(options))
+/// Runs on every rank of `collective` (`mpirun -np N ditrun bench`): each rank steps on its
+/// own batch and the gradients are averaged as in training.
+pub fn run(options: &BenchOptions, collective: &dyn Collective) -> Result<BenchReport> {
+    crate::with_backend!(options.backend, B => run_on::<burn::backend::Autodiff<B>>(options, collective))
 }
 
-fn run_on<AB: AutodiffBackend>(options: &BenchOptions) -> Result<BenchReport> {
+fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collective) -> Result<BenchReport> {
     let device = AB::Device::default();
     AB::seed(&device, 0);
     let mut rng = StdRng::seed_from_u64(0);
@@ -81,6 +89,7 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions) -> Result<BenchReport> {
     let shape = [options.batch, options.model.channels, options.model.image_size, options.model.image_size];
 
     let mut times = Vec::with_capacity(options.steps);
+    let mut allreduce_times = Vec::with_capacity(options.steps);
     let mut context_tokens = 0;
     for step in 0..options.warmup + options.steps {
         let started = Instant::now();
@@ -97,15 +106,20 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions) -> Result<BenchReport> {
         let x0 = Tensor::<AB, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
         let batch = FlowBatch::draw(x0, &mut rng);
         let loss = flow_matching_loss(&model, batch, context, Some(mask));
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let allreduce = average_gradients(&model, &mut grads, collective, DDP_BUCKET_BYTES)?;
         model = optimizer.step(1e-4, model, grads);
         AB::sync(&device).ok();
         if step >= options.warmup {
             times.push(started.elapsed().as_secs_f64());
+            allreduce_times.push(allreduce.as_secs_f64());
         }
     }
     times.sort_by(f64::total_cmp);
+    allreduce_times.sort_by(f64::total_cmp);
     let step_s = times[times.len() / 2];
+    let allreduce_s = allreduce_times[allreduce_times.len() / 2];
+    let ranks = collective.world_size();
     Ok(BenchReport {
         implementation: "ditrun",
         backend: options.backend,
@@ -116,7 +130,69 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions) -> Result<BenchReport> {
         params,
         context_tokens,
         step_s: (step_s * 1e4).round() / 1e4,
-        images_per_s: ((options.batch as f64 / step_s) * 100.0).round() / 100.0,
+        allreduce_s: (allreduce_s * 1e4).round() / 1e4,
+        allreduce_share: (allreduce_s / step_s * 1e4).round() / 1e4,
+        images_per_s: ((ranks as f64 * options.batch as f64 / step_s) * 100.0).round() / 100.0,
+        ranks,
+    })
+}
+
+/// Parameters (and so gradient values) of the seed model; `tests/model.rs` checks the count.
+pub const SEED_MODEL_PARAMS: usize = 18_145_072;
+
+/// PyTorch DDP's default bucket size, as in training.
+const DDP_BUCKET_BYTES: usize = 25_000_000;
+
+#[derive(Debug, Serialize)]
+pub struct AllReduceReport {
+    pub transport: &'static str,
+    pub ranks: usize,
+    pub bytes: usize,
+    /// Median time to average the buffer over the ranks (one collective per 25 MB bucket).
+    pub allreduce_s: f64,
+    /// `bytes / allreduce_s` (PyTorch's "algorithm bandwidth").
+    pub allreduce_gb_per_s: f64,
+    /// Median time of a plain copy of the same buffer on this rank.
+    pub memcpy_s: f64,
+    pub memcpy_gb_per_s: f64,
+}
+
+/// Times the gradient all-reduce alone: `values` f32 (the seed model's gradients: 18,145,072
+/// = 72.6 MB) in 25 MB buckets, against a memcpy of the same buffer.
+pub fn allreduce(collective: &dyn Collective, values: usize, repeats: usize) -> Result<AllReduceReport> {
+    let source: Vec<f32> = (0..values).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    let mut buffer = source.clone();
+    let bucket = DDP_BUCKET_BYTES / std::mem::size_of::<f32>();
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let mut reduce_times = Vec::with_capacity(repeats);
+    let mut copy_times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) + 1 {
+        collective.barrier("all-reduce benchmark")?;
+        let started = Instant::now();
+        for piece in buffer.chunks_mut(bucket) {
+            collective.all_reduce_mean(piece, "all-reduce benchmark")?;
+        }
+        reduce_times.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        buffer.copy_from_slice(std::hint::black_box(&source));
+        copy_times.push(started.elapsed().as_secs_f64());
+        std::hint::black_box(&buffer);
+    }
+    // The first round pays for page faults and connection set-up.
+    let (allreduce_s, memcpy_s) = (median(reduce_times[1..].to_vec()), median(copy_times[1..].to_vec()));
+    let bytes = values * std::mem::size_of::<f32>();
+    let rate = |secs: f64| ((bytes as f64 / secs / 1e9) * 100.0).round() / 100.0;
+    Ok(AllReduceReport {
+        transport: collective.transport(),
+        ranks: collective.world_size(),
+        bytes,
+        allreduce_s: (allreduce_s * 1e5).round() / 1e5,
+        allreduce_gb_per_s: rate(allreduce_s),
+        memcpy_s: (memcpy_s * 1e5).round() / 1e5,
+        memcpy_gb_per_s: rate(memcpy_s),
     })
 }
 

@@ -128,6 +128,10 @@ enum Command {
         /// Encode every batch's captions with CLIP (the seed's loop) instead of the cache.
         #[arg(long)]
         clip: bool,
+        /// Time only the gradient all-reduce of the seed model (72.6 MB) between the ranks
+        /// (`mpirun -np N ditrun bench --allreduce`), against a memcpy of the same buffer.
+        #[arg(long)]
+        allreduce: bool,
     },
 }
 
@@ -156,7 +160,8 @@ fn train_rank(job: Option<PathBuf>, overrides: &[String], resume: &Resume, stop_
     let world = World::from_env()?;
     let job = ditrun::config::load_job(job.as_deref(), overrides)?;
     set_cpu_threads(job.train.threads.unwrap_or_else(|| world.default_cpu_threads()));
-    let collective = ditrun::dist::connect(&world, Duration::from_secs_f64(job.dist.timeout_secs))?;
+    let gpu_ordinal = (job.train.backend.resolve()? == BackendKind::Cuda).then_some(world.local_rank);
+    let collective = ditrun::dist::connect(&world, Duration::from_secs_f64(job.dist.timeout_secs), gpu_ordinal)?;
     let _rank_span = world.is_distributed().then(|| tracing::info_span!("rank", rank = world.rank).entered());
     match ditrun::train::train_ranked(&job, resume, stop_after, &world, collective.as_ref()) {
         Ok(outcome) => {
@@ -222,20 +227,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { target } => {
             println!("{}", serde_json::to_string_pretty(&ditrun::inspect::inspect(&target)?)?);
         }
-        Command::Bench { batch, steps, warmup, threads, backend, clip } => {
-            let threads = threads.unwrap_or_else(all_cores);
+        Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce } => {
+            // Under mpirun every rank benchmarks and gradients are averaged as in training;
+            // rank 0 prints the report.
+            let world = World::from_env()?;
+            let threads = threads.unwrap_or_else(|| world.default_cpu_threads());
             set_cpu_threads(threads);
-            let report = bench::run(&BenchOptions {
-                backend,
-                batch,
-                steps: steps.max(1),
-                warmup,
-                threads,
-                clip_per_batch: clip,
-                model: TextDiTConfig::new(),
-                text: ClipTextConfig::new(),
-            })?;
-            println!("{}", serde_json::to_string(&report)?);
+            let gpu_ordinal = (backend == BackendKind::Cuda).then_some(world.local_rank);
+            let collective = ditrun::dist::connect(&world, Duration::from_secs(600), gpu_ordinal)?;
+            let report = if allreduce {
+                serde_json::to_string(&bench::allreduce(collective.as_ref(), bench::SEED_MODEL_PARAMS, steps.max(1))?)?
+            } else {
+                let report = bench::run(
+                    &BenchOptions {
+                        backend,
+                        batch,
+                        steps: steps.max(1),
+                        warmup,
+                        threads,
+                        clip_per_batch: clip,
+                        model: TextDiTConfig::new(),
+                        text: ClipTextConfig::new(),
+                    },
+                    collective.as_ref(),
+                )?;
+                serde_json::to_string(&report)?
+            };
+            if world.is_primary() {
+                println!("{report}");
+            }
         }
     }
     Ok(())

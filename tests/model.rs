@@ -20,6 +20,7 @@ type B = TestBackend;
 fn seed_dit_has_the_seeds_parameter_count() {
     let model = TextDiTConfig::new().init::<B>(&Default::default()).unwrap();
     assert_eq!(model.num_params(), 18_145_072);
+    assert_eq!(model.num_params(), ditrun::bench::SEED_MODEL_PARAMS);
 }
 
 #[test]

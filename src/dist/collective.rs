@@ -25,6 +25,21 @@ pub trait Collective {
     /// Ends every rank of the job now: a rank that failed calls this so that the others do
     /// not wait for it in their next collective.
     fn abort(&self, code: i32) -> !;
+
+    /// The transport's collectives on GPU memory (NCCL), when it has them.
+    fn device(&self) -> Option<&dyn DeviceAllReduce> {
+        None
+    }
+}
+
+/// An all-reduce on device memory, so that GPU gradients never leave the GPU.
+pub trait DeviceAllReduce {
+    /// Replaces the `len` f32 values at device address `address` by their mean over ranks.
+    ///
+    /// # Safety
+    /// `address` must point at `len` f32 values on this rank's GPU that stay allocated, and
+    /// that no other work reads or writes, until this returns.
+    unsafe fn all_reduce_mean_device(&self, address: u64, len: usize, what: &str) -> Result<()>;
 }
 
 /// The one-process world: every collective is the identity.

@@ -1,7 +1,9 @@
 //! Averaging gradients over ranks as PyTorch DDP does: flattened into buckets of a fixed size
 //! (default 25 MB), each bucket one collective, in the module's parameter order, which is the
-//! same on every rank.
+//! same on every rank. With NCCL the buckets stay on the GPU; otherwise they go through host
+//! memory.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
@@ -25,12 +27,12 @@ pub fn average_gradients<AB: AutodiffBackend, M: AutodiffModule<AB>>(
         return Ok(Duration::ZERO);
     }
     let inner = module.valid();
-    let mut take = TakeFlat::<AB::InnerBackend> { grads, flat: Vec::new(), backend: std::marker::PhantomData };
+    let mut take = TakeFlat::<AB::InnerBackend> { grads, flat: Vec::new() };
     inner.visit(&mut take);
     let flat = take.flat;
 
     let bucket_len = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
-    let mut reduced: Vec<Vec<f32>> = Vec::with_capacity(flat.len());
+    let mut reduced: HashMap<ParamId, Tensor<AB::InnerBackend, 1>> = HashMap::with_capacity(flat.len());
     let mut in_collectives = Duration::ZERO;
     let mut start = 0;
     let mut bucket_number = 0;
@@ -38,64 +40,75 @@ pub fn average_gradients<AB: AutodiffBackend, M: AutodiffModule<AB>>(
         // A bucket holds whole parameters, at least one, and at most `bucket_len` values
         // unless a single parameter is larger.
         let mut end = start + 1;
-        let mut len = flat[start].1.len();
-        while end < flat.len() && len + flat[end].1.len() <= bucket_len {
-            len += flat[end].1.len();
+        let mut len = flat[start].1.dims()[0];
+        while end < flat.len() && len + flat[end].1.dims()[0] <= bucket_len {
+            len += flat[end].1.dims()[0];
             end += 1;
         }
-        let mut bucket = Vec::with_capacity(len);
-        for (_, values) in &flat[start..end] {
-            bucket.extend_from_slice(values);
-        }
+        let parts: Vec<Tensor<AB::InnerBackend, 1>> = flat[start..end].iter().map(|(_, t)| t.clone()).collect();
+        let bucket = Tensor::cat(parts, 0);
+        let what = format!("gradient all-reduce (bucket {bucket_number}, {len} values)");
         let began = Instant::now();
-        collective.all_reduce_mean(&mut bucket, &format!("gradient all-reduce (bucket {bucket_number})"))?;
+        let bucket = reduce_bucket(bucket, collective, &what)?;
         in_collectives += began.elapsed();
         let mut offset = 0;
-        for (_, values) in &flat[start..end] {
-            reduced.push(bucket[offset..offset + values.len()].to_vec());
-            offset += values.len();
+        for (id, tensor) in &flat[start..end] {
+            let n = tensor.dims()[0];
+            reduced.insert(*id, bucket.clone().narrow(0, offset, n));
+            offset += n;
         }
         start = end;
         bucket_number += 1;
     }
-
-    let device = inner.devices().into_iter().next().unwrap_or_default();
-    let mut put = PutBack::<AB::InnerBackend> {
-        grads: take.grads,
-        reduced: flat.iter().map(|(id, _)| *id).zip(reduced).collect(),
-        device,
-    };
-    inner.visit(&mut put);
+    inner.visit(&mut PutBack::<AB::InnerBackend> { grads: take.grads, reduced });
     Ok(in_collectives)
+}
+
+/// One bucket's mean over ranks: in place on the GPU when the transport and backend allow,
+/// else through a host copy.
+fn reduce_bucket<B: Backend>(bucket: Tensor<B, 1>, collective: &dyn Collective, what: &str) -> Result<Tensor<B, 1>> {
+    #[cfg(feature = "cuda")]
+    if let Some(device_reduce) = collective.device() {
+        let device = bucket.device();
+        // `cat` wrote a fresh buffer that nothing else uses; NCCL must see it finished.
+        B::sync(&device).map_err(|e| crate::Error::Distributed(format!("{what}: {e:?}")))?;
+        if let Some((address, _keep_alive)) = super::nccl::device_address(&bucket) {
+            unsafe { device_reduce.all_reduce_mean_device(address, bucket.dims()[0], what)? };
+            return Ok(bucket);
+        }
+    }
+    let device = bucket.device();
+    let len = bucket.dims()[0];
+    let mut values = bucket.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    collective.all_reduce_mean(&mut values, what)?;
+    Ok(Tensor::from_data(TensorData::new(values, [len]), &device))
 }
 
 struct TakeFlat<'a, B: Backend> {
     grads: &'a mut GradientsParams,
-    flat: Vec<(ParamId, Vec<f32>)>,
-    backend: std::marker::PhantomData<B>,
+    flat: Vec<(ParamId, Tensor<B, 1>)>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for TakeFlat<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let values = match self.grads.remove::<B, D>(param.id) {
-            Some(grad) => grad.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data"),
-            None => vec![0.0; param.shape().num_elements()],
+        let count = param.shape().num_elements();
+        let flat = match self.grads.remove::<B, D>(param.id) {
+            Some(grad) => grad.reshape([count]),
+            None => Tensor::zeros([count], &param.device()),
         };
-        self.flat.push((param.id, values));
+        self.flat.push((param.id, flat));
     }
 }
 
 struct PutBack<'a, B: Backend> {
     grads: &'a mut GradientsParams,
-    reduced: std::collections::HashMap<ParamId, Vec<f32>>,
-    device: B::Device,
+    reduced: HashMap<ParamId, Tensor<B, 1>>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for PutBack<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let values = self.reduced.remove(&param.id).expect("every parameter was reduced");
-        let grad = Tensor::<B, D>::from_data(TensorData::new(values, param.shape()), &self.device);
-        self.grads.register::<B, D>(param.id, grad);
+        let flat = self.reduced.remove(&param.id).expect("every parameter was reduced");
+        self.grads.register::<B, D>(param.id, flat.reshape(param.shape()));
     }
 }
 

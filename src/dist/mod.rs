@@ -7,23 +7,31 @@ pub mod gradients;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod world;
 
 use std::time::Duration;
 
-pub use collective::{ensure_same_on_all_ranks, Collective, SingleProcess};
+pub use collective::{ensure_same_on_all_ranks, Collective, DeviceAllReduce, SingleProcess};
 pub use gradients::{average_gradients, parameter_digest};
 pub use world::{World, WorldSource};
 
 use crate::error::{Error, Result};
 
-/// The collective for `world`: nothing to connect for one process, MPI otherwise. A
-/// collective that does not complete within `timeout` ends the job, naming the rank(s) that
-/// did not arrive.
-pub fn connect(world: &World, timeout: Duration) -> Result<Box<dyn Collective>> {
+/// The collective for `world`: nothing to connect for one process, MPI between CPU ranks,
+/// NCCL (bootstrapped over MPI) between GPU ranks, each on GPU `gpu_ordinal`. A collective
+/// that does not complete within `timeout` ends the job, naming the rank(s) that did not arrive.
+pub fn connect(world: &World, timeout: Duration, gpu_ordinal: Option<usize>) -> Result<Box<dyn Collective>> {
     if !world.is_distributed() {
         return Ok(Box::new(SingleProcess));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(ordinal) = gpu_ordinal {
+        let host = mpi::MpiCollective::init(timeout)?;
+        return Ok(Box::new(nccl::NcclCollective::init(host, ordinal)?));
+    }
+    let _ = gpu_ordinal;
     connect_mpi(world, timeout)
 }
 

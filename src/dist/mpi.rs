@@ -118,10 +118,16 @@ impl MpiCollective {
                     .map(|(peer, _)| peer.to_string())
                     .collect();
                 let message = if missing.is_empty() {
+                    // Everyone sent its arrival, so a peer stopped or died inside the transfer;
+                    // which one is not observable from here.
+                    let peers: Vec<String> = peers.iter().map(usize::to_string).collect();
                     format!(
                         "{what} (collective #{sequence}) did not complete within {:?} on rank {}: every rank \
-                         arrived, but the transfer stalled (a rank may have died mid-transfer); ending the job",
-                        self.timeout, self.rank
+                         arrived, but the transfer with rank(s) {} stalled (one of them stopped or died \
+                         mid-transfer); ending the job",
+                        self.timeout,
+                        self.rank,
+                        peers.join(", ")
                     )
                 } else {
                     format!(
