@@ -67,7 +67,7 @@ enum Command {
     /// from its latest checkpoint when a rank dies: `ditrun launch --nproc-per-node auto -- train --job J`.
     Launch {
         /// Ranks on this node: a number, or auto (GPUs in CUDA_VISIBLE_DEVICES, else
-        /// `nvidia-smi -L`, else one CPU rank per NUMA node).
+        /// `nvidia-smi -L`, else one CPU rank per core, as torchrun does).
         #[arg(long, default_value = "auto")]
         nproc_per_node: String,
         /// Restarts after a failed attempt, each from the latest committed checkpoint.
