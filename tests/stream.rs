@@ -1,6 +1,8 @@
 //! The training data stream: global order, rank slices, resume, shuffle windows, errors,
 //! shutdown, and (ignored by default) its throughput from local shards.
 
+mod common;
+
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -552,13 +554,6 @@ fn a_corrupt_shard_file_surfaces_from_next_batch_with_its_name() {
     assert!(error.to_string().contains(&name), "{error}");
 }
 
-/// CPU seconds this process has used (Linux), to report images per core-second.
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
 
 #[test]
 #[ignore = "benchmark: cargo test --test stream -- --ignored --nocapture stream_throughput_local"]
@@ -579,11 +574,11 @@ fn stream_throughput_local() {
         decode_threads: 1,
     };
     let batches = samples / 256;
-    let cpu_before = process_cpu_seconds();
+    let cpu_before = common::process_cpu_seconds();
     let started = Instant::now();
     let images_per_s = measure_throughput(source, options, batches).unwrap();
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_before.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    let cpu = cpu_before.zip(common::process_cpu_seconds()).map(|(a, b)| b - a);
     println!(
         "stream_throughput_local: {images_per_s:.0} images/s (decode_threads = 1, 32x32x3, \
          {batches} batches of 256, {wall:.2} s wall)"

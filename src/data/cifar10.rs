@@ -6,17 +6,17 @@
 //! of a 32×32 image, each row-major.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
+use md5::Md5;
 use tracing::{info, warn};
 use url::Url;
 
 use super::prepare::Split;
 use super::shards::{sample_key, Sample};
 use crate::error::{Error, Result};
+use crate::storage::weights;
 
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
@@ -39,7 +39,6 @@ const PLANE: usize = IMAGE_SIZE * IMAGE_SIZE;
 pub const RECORD_BYTES: usize = 1 + CHANNELS * PLANE;
 const BATCH_DIR: &str = "cifar-10-batches-bin";
 const META_FILE: &str = "batches.meta.txt";
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Where the archive comes from and what it must hash to. The official one by default; tests
 /// substitute small archives in the same format.
@@ -143,8 +142,10 @@ fn local_path(source: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(source))
 }
 
-/// Downloads into `cache_dir/<file name>.part.<pid>`, renamed to its final name only once its
-/// MD5 matches, so the final name always holds a verified archive.
+/// Downloads into `cache_dir/<file name>.part` with the weights' downloader (an interrupted
+/// download resumes with a Range request; ranks on one node take turns through a lock) and
+/// renames it to its final name only once its MD5 matches, so the final name always holds a
+/// verified archive.
 fn download_archive(url: &str, spec: &ArchiveSpec, cache_dir: &Path) -> Result<PathBuf> {
     let name = Url::parse(url)
         .ok()
@@ -152,6 +153,8 @@ fn download_archive(url: &str, spec: &ArchiveSpec, cache_dir: &Path) -> Result<P
         .filter(|name| !name.is_empty() && name != "." && name != "..")
         .unwrap_or_else(|| "cifar-10-binary.tar.gz".to_string());
     let dest = cache_dir.join(&name);
+    fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+    let _lock = weights::lock_entry(&dest, url)?;
     if dest.is_file() {
         let found = md5_of_file(&dest)?;
         if found == spec.md5 {
@@ -160,77 +163,18 @@ fn download_archive(url: &str, spec: &ArchiveSpec, cache_dir: &Path) -> Result<P
         }
         warn!(archive = %dest.display(), expected = %spec.md5, found = %found, "cached archive does not match the expected MD5; downloading again");
     }
-    fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
-    let part = cache_dir.join(format!("{name}.part.{}", std::process::id()));
-    let result = download_to(url, &part, spec.bytes).and_then(|found| {
-        if found == spec.md5 {
-            Ok(())
-        } else {
-            Err(Error::Md5 {
-                file: url.to_string(),
-                expected: spec.md5.clone(),
-                found,
-            })
-        }
-    });
-    if let Err(error) = result {
-        // Only our own partial download goes; resuming a corrupt one would fail the same way.
+    let part = weights::sidecar(&dest, "part");
+    info!(url, bytes = ?spec.bytes, "downloading CIFAR-10");
+    weights::http_download(url, &part)?;
+    let found = md5_of_file(&part)?;
+    if found != spec.md5 {
+        // A corrupt partial must not be resumed, or every retry would fail the same way.
         let _ = fs::remove_file(&part);
-        return Err(error);
+        return Err(Error::Md5 { file: url.to_string(), expected: spec.md5.clone(), found });
     }
     fs::rename(&part, &dest).map_err(|e| Error::io(&dest, e))?;
     info!(archive = %dest.display(), "CIFAR-10 archive downloaded and verified");
     Ok(dest)
-}
-
-/// Streams `url` into `part`, returning the MD5 of what arrived.
-fn download_to(url: &str, part: &Path, expected_bytes: Option<u64>) -> Result<String> {
-    let download_error = |reason: String| Error::Download {
-        url: url.to_string(),
-        reason,
-    };
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_per_read(Some(Duration::from_secs(120)))
-        .user_agent(concat!("ditrun/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .new_agent();
-    info!(url, "downloading CIFAR-10");
-    let response = agent
-        .get(url)
-        .header("Accept-Encoding", "identity")
-        .call()
-        .map_err(|e| download_error(e.to_string()))?;
-    if response.status() != 200 {
-        return Err(download_error(format!("HTTP {}", response.status())));
-    }
-    let mut body = response.into_body().into_reader();
-    let mut file = File::create(part).map_err(|e| Error::io(part, e))?;
-    let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut done, mut last_log) = (0u64, Instant::now());
-    loop {
-        let n = match body.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(download_error(format!(
-                    "connection lost after {done} bytes: {e}"
-                )))
-            }
-        };
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(|e| Error::io(part, e))?;
-        done += n as u64;
-        if last_log.elapsed() >= PROGRESS_EVERY {
-            last_log = Instant::now();
-            info!(url, bytes = done, total = ?expected_bytes, "downloading CIFAR-10");
-        }
-    }
-    file.sync_all().map_err(|e| Error::io(part, e))?;
-    Ok(hex::encode(hasher.finalize()))
 }
 
 fn md5_of_file(path: &Path) -> Result<String> {

@@ -130,7 +130,7 @@ fn fetch_cached(
 }
 
 /// Serialises downloads of one cache entry across processes (ranks sharing a node).
-fn lock_entry(dest: &Path, source: &str) -> Result<File> {
+pub(crate) fn lock_entry(dest: &Path, source: &str) -> Result<File> {
     let path = sidecar(dest, "lock");
     let file = OpenOptions::new()
         .create(true)
@@ -173,7 +173,7 @@ fn cached_copy_is_intact(dest: &Path) -> Result<bool> {
 }
 
 /// `dir/name` → `dir/name.ext`, keeping bookkeeping files next to the file they describe.
-fn sidecar(path: &Path, ext: &str) -> PathBuf {
+pub(crate) fn sidecar(path: &Path, ext: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".");
     name.push(ext);
@@ -355,8 +355,9 @@ enum Attempt {
     StartOver,
 }
 
-/// Downloads `url` into `part`, continuing an existing `.part` with a Range request.
-fn http_download(url: &str, part: &Path) -> Result<Option<String>> {
+/// Downloads `url` into `part`, continuing an existing `.part` with a Range request; returns
+/// the sha256 the server announced, if any. The caller verifies and renames the result.
+pub(crate) fn http_download(url: &str, part: &Path) -> Result<Option<String>> {
     let offset = file_len(part)?;
     if offset > 0 {
         info!(url, offset, "resuming partial download");

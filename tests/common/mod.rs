@@ -80,3 +80,11 @@ pub fn idx_labels(labels: &[u8]) -> Vec<u8> {
     bytes.extend(labels);
     bytes
 }
+
+/// CPU seconds this process has used (Linux), to report images per core-second.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
