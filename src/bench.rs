@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::backend::BackendKind;
-use crate::dist::{average_gradients, Collective};
+use crate::dist::{average_gradients, reduce_bucket, Collective};
 use crate::error::Result;
 use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
 use crate::model::{ClipTextConfig, TextDiTConfig};
@@ -146,56 +146,94 @@ const DDP_BUCKET_BYTES: usize = 25_000_000;
 #[derive(Debug, Serialize)]
 pub struct AllReduceReport {
     pub transport: &'static str,
+    pub backend: BackendKind,
     pub ranks: usize,
     pub bytes: usize,
-    /// Median time to average the buffer over the ranks (one collective per 25 MB bucket).
+    /// Median time to average the buffer over the ranks (one collective per 25 MB bucket,
+    /// on the backend's device: through host memory on CPUs, in place with NCCL on GPUs).
     pub allreduce_s: f64,
     /// `bytes / allreduce_s` (PyTorch's "algorithm bandwidth").
     pub allreduce_gb_per_s: f64,
-    /// Median time of a plain copy of the same buffer on this rank.
+    /// Median time of a plain copy of the same buffer in host memory.
     pub memcpy_s: f64,
     pub memcpy_gb_per_s: f64,
+    /// Every rank averaged the same values, so the mean must equal them: a smoke test of the
+    /// transport.
+    pub mean_is_exact: bool,
 }
 
 /// Times the gradient all-reduce alone: `values` f32 (the seed model's gradients: 18,145,072
-/// = 72.6 MB) in 25 MB buckets, against a memcpy of the same buffer.
-pub fn allreduce(collective: &dyn Collective, values: usize, repeats: usize) -> Result<AllReduceReport> {
+/// = 72.6 MB) in 25 MB buckets on `backend`'s device, against a memcpy of the same buffer.
+pub fn allreduce(
+    backend: BackendKind,
+    collective: &dyn Collective,
+    values: usize,
+    repeats: usize,
+) -> Result<AllReduceReport> {
+    crate::with_backend!(backend, B => allreduce_on::<B>(backend, collective, values, repeats))
+}
+
+fn allreduce_on<B: Backend>(
+    backend: BackendKind,
+    collective: &dyn Collective,
+    values: usize,
+    repeats: usize,
+) -> Result<AllReduceReport> {
+    let device = B::Device::default();
     let source: Vec<f32> = (0..values).map(|i| (i % 1000) as f32 * 1e-3).collect();
-    let mut buffer = source.clone();
-    let bucket = DDP_BUCKET_BYTES / std::mem::size_of::<f32>();
+    let bucket_len = DDP_BUCKET_BYTES / std::mem::size_of::<f32>();
+    // Fresh tensors each round, as the gradients of a step are: reading a tensor that shares
+    // its storage would measure a copy, not the all-reduce.
+    let buckets = || -> Vec<Tensor<B, 1>> {
+        source
+            .chunks(bucket_len)
+            .map(|piece| Tensor::from_data(TensorData::new(piece.to_vec(), [piece.len()]), &device))
+            .collect()
+    };
     let median = |mut times: Vec<f64>| {
         times.sort_by(f64::total_cmp);
         times[times.len() / 2]
     };
+    let mut copy = source.clone();
     let mut reduce_times = Vec::with_capacity(repeats);
     let mut copy_times = Vec::with_capacity(repeats);
+    let mut reduced = Vec::new();
     for _ in 0..repeats.max(1) + 1 {
+        let round = buckets();
+        B::sync(&device).ok();
         collective.barrier("all-reduce benchmark")?;
         let started = Instant::now();
-        for piece in buffer.chunks_mut(bucket) {
-            collective.all_reduce_mean(piece, "all-reduce benchmark")?;
+        reduced = Vec::with_capacity(round.len());
+        for bucket in round {
+            reduced.extend(reduce_bucket(vec![bucket], collective, "all-reduce benchmark")?);
         }
+        B::sync(&device).ok();
         reduce_times.push(started.elapsed().as_secs_f64());
         let started = Instant::now();
-        buffer.copy_from_slice(std::hint::black_box(&source));
+        copy.copy_from_slice(std::hint::black_box(&source));
         copy_times.push(started.elapsed().as_secs_f64());
-        std::hint::black_box(&buffer);
+        std::hint::black_box(&copy);
     }
+    let mean_is_exact = reduced
+        .into_iter()
+        .flat_map(|t| t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default())
+        .eq(source.iter().copied());
     // The first round pays for page faults and connection set-up.
     let (allreduce_s, memcpy_s) = (median(reduce_times[1..].to_vec()), median(copy_times[1..].to_vec()));
     let bytes = values * std::mem::size_of::<f32>();
     let rate = |secs: f64| ((bytes as f64 / secs / 1e9) * 100.0).round() / 100.0;
     Ok(AllReduceReport {
         transport: collective.transport(),
+        backend,
         ranks: collective.world_size(),
         bytes,
         allreduce_s: (allreduce_s * 1e5).round() / 1e5,
         allreduce_gb_per_s: rate(allreduce_s),
         memcpy_s: (memcpy_s * 1e5).round() / 1e5,
         memcpy_gb_per_s: rate(memcpy_s),
+        mean_is_exact,
     })
 }
-
 /// The seed's loop: all 77 positions of every caption through the encoder, every batch.
 fn encode_full_context<AB: AutodiffBackend>(
     encoder: &TextEncoder<AB::InnerBackend>,

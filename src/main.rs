@@ -236,7 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let gpu_ordinal = (backend == BackendKind::Cuda).then_some(world.local_rank);
             let collective = ditrun::dist::connect(&world, Duration::from_secs(600), gpu_ordinal)?;
             let report = if allreduce {
-                serde_json::to_string(&bench::allreduce(collective.as_ref(), bench::SEED_MODEL_PARAMS, steps.max(1))?)?
+                serde_json::to_string(&bench::allreduce(backend, collective.as_ref(), bench::SEED_MODEL_PARAMS, steps.max(1))?)?
             } else {
                 let report = bench::run(
                     &BenchOptions {

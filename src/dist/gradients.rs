@@ -29,59 +29,106 @@ pub fn average_gradients<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     let inner = module.valid();
     let mut take = TakeFlat::<AB::InnerBackend> { grads, flat: Vec::new() };
     inner.visit(&mut take);
-    let flat = take.flat;
+    let flat = std::mem::take(&mut take.flat);
 
     let bucket_len = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
     let mut reduced: HashMap<ParamId, Tensor<AB::InnerBackend, 1>> = HashMap::with_capacity(flat.len());
     let mut in_collectives = Duration::ZERO;
-    let mut start = 0;
+    let mut pending = flat.into_iter().peekable();
     let mut bucket_number = 0;
-    while start < flat.len() {
+    while pending.peek().is_some() {
         // A bucket holds whole parameters, at least one, and at most `bucket_len` values
         // unless a single parameter is larger.
-        let mut end = start + 1;
-        let mut len = flat[start].1.dims()[0];
-        while end < flat.len() && len + flat[end].1.dims()[0] <= bucket_len {
-            len += flat[end].1.dims()[0];
-            end += 1;
+        let mut ids = Vec::new();
+        let mut parts = Vec::new();
+        let mut len = 0;
+        while let Some((_, next)) = pending.peek() {
+            let n = next.dims()[0];
+            if !parts.is_empty() && len + n > bucket_len {
+                break;
+            }
+            let (id, tensor) = pending.next().expect("peeked");
+            ids.push(id);
+            parts.push(tensor);
+            len += n;
         }
-        let parts: Vec<Tensor<AB::InnerBackend, 1>> = flat[start..end].iter().map(|(_, t)| t.clone()).collect();
-        let bucket = Tensor::cat(parts, 0);
         let what = format!("gradient all-reduce (bucket {bucket_number}, {len} values)");
         let began = Instant::now();
-        let bucket = reduce_bucket(bucket, collective, &what)?;
+        let averaged = reduce_bucket(parts, collective, &what)?;
         in_collectives += began.elapsed();
-        let mut offset = 0;
-        for (id, tensor) in &flat[start..end] {
-            let n = tensor.dims()[0];
-            reduced.insert(*id, bucket.clone().narrow(0, offset, n));
-            offset += n;
-        }
-        start = end;
+        reduced.extend(ids.into_iter().zip(averaged));
         bucket_number += 1;
     }
     inner.visit(&mut PutBack::<AB::InnerBackend> { grads: take.grads, reduced });
     Ok(in_collectives)
 }
 
-/// One bucket's mean over ranks: in place on the GPU when the transport and backend allow,
-/// else through a host copy.
-fn reduce_bucket<B: Backend>(bucket: Tensor<B, 1>, collective: &dyn Collective, what: &str) -> Result<Tensor<B, 1>> {
+/// The mean over ranks of one bucket of flat tensors, returned in the same pieces: in place
+/// on the GPU when the transport and backend allow (one buffer per bucket), else gathered
+/// into one host buffer. Each piece is read once, while this function owns it: a tensor
+/// that shares its storage would be copied element by element first.
+pub fn reduce_bucket<B: Backend>(
+    parts: Vec<Tensor<B, 1>>,
+    collective: &dyn Collective,
+    what: &str,
+) -> Result<Vec<Tensor<B, 1>>> {
+    let lens: Vec<usize> = parts.iter().map(|t| t.dims()[0]).collect();
+    let Some(device) = parts.first().map(Tensor::device) else { return Ok(parts) };
     #[cfg(feature = "cuda")]
     if let Some(device_reduce) = collective.device() {
-        let device = bucket.device();
+        let bucket = Tensor::cat(parts, 0);
         // `cat` wrote a fresh buffer that nothing else uses; NCCL must see it finished.
         B::sync(&device).map_err(|e| crate::Error::Distributed(format!("{what}: {e:?}")))?;
         if let Some((address, _keep_alive)) = super::nccl::device_address(&bucket) {
             unsafe { device_reduce.all_reduce_mean_device(address, bucket.dims()[0], what)? };
-            return Ok(bucket);
+            let mut offset = 0;
+            return Ok(lens
+                .iter()
+                .map(|&n| {
+                    let piece = bucket.clone().narrow(0, offset, n);
+                    offset += n;
+                    piece
+                })
+                .collect());
         }
+        return reduce_on_host(split_like(bucket, &lens), &lens, &device, collective, what);
     }
-    let device = bucket.device();
-    let len = bucket.dims()[0];
-    let mut values = bucket.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+    reduce_on_host(parts, &lens, &device, collective, what)
+}
+
+fn reduce_on_host<B: Backend>(
+    parts: Vec<Tensor<B, 1>>,
+    lens: &[usize],
+    device: &B::Device,
+    collective: &dyn Collective,
+    what: &str,
+) -> Result<Vec<Tensor<B, 1>>> {
+    let mut values = Vec::with_capacity(lens.iter().sum());
+    for part in parts {
+        values.extend(part.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data"));
+    }
     collective.all_reduce_mean(&mut values, what)?;
-    Ok(Tensor::from_data(TensorData::new(values, [len]), &device))
+    let mut offset = 0;
+    Ok(lens
+        .iter()
+        .map(|&n| {
+            let piece = values[offset..offset + n].to_vec();
+            offset += n;
+            Tensor::from_data(TensorData::new(piece, [n]), device)
+        })
+        .collect())
+}
+
+#[cfg(feature = "cuda")]
+fn split_like<B: Backend>(bucket: Tensor<B, 1>, lens: &[usize]) -> Vec<Tensor<B, 1>> {
+    let mut offset = 0;
+    lens.iter()
+        .map(|&n| {
+            let piece = bucket.clone().narrow(0, offset, n);
+            offset += n;
+            piece
+        })
+        .collect()
 }
 
 struct TakeFlat<'a, B: Backend> {

@@ -35,8 +35,8 @@ pub struct RankFailure {
 
 /// GPUs this node shows (`CUDA_VISIBLE_DEVICES`, else `nvidia-smi -L`), else one CPU rank
 /// per core, as torchrun's `auto` does: burn's CPU backends use a second thread poorly, and
-/// two single-thread ranks trained the seed model 2.0× faster than one two-thread rank on a
-/// 2-core machine (README, performance).
+/// two single-thread ranks trained the seed model 1.65–1.99× faster than one two-thread rank
+/// on a 2-core machine (README, performance).
 pub fn auto_ranks_per_node() -> (usize, &'static str) {
     if let Ok(visible) = std::env::var("CUDA_VISIBLE_DEVICES") {
         let count = visible.split(',').filter(|d| !d.trim().is_empty() && d.trim() != "-1").count();

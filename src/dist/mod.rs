@@ -14,7 +14,7 @@ pub mod world;
 use std::time::Duration;
 
 pub use collective::{ensure_same_on_all_ranks, Collective, DeviceAllReduce, SingleProcess};
-pub use gradients::{average_gradients, parameter_digest};
+pub use gradients::{average_gradients, parameter_digest, reduce_bucket};
 pub use world::{World, WorldSource};
 
 use crate::error::{Error, Result};
@@ -22,16 +22,19 @@ use crate::error::{Error, Result};
 /// The collective for `world`: nothing to connect for one process, MPI between CPU ranks,
 /// NCCL (bootstrapped over MPI) between GPU ranks, each on GPU `gpu_ordinal`. A collective
 /// that does not complete within `timeout` ends the job, naming the rank(s) that did not arrive.
+///
+/// GPU ranks started by an MPI launcher use NCCL even when there is only one (`mpirun -np 1`:
+/// the smoke test of the NCCL path on a one-GPU machine).
 pub fn connect(world: &World, timeout: Duration, gpu_ordinal: Option<usize>) -> Result<Box<dyn Collective>> {
-    if !world.is_distributed() {
-        return Ok(Box::new(SingleProcess));
-    }
     #[cfg(feature = "cuda")]
-    if let Some(ordinal) = gpu_ordinal {
+    if let (Some(ordinal), WorldSource::OpenMpi | WorldSource::Pmi) = (gpu_ordinal, world.source) {
         let host = mpi::MpiCollective::init(timeout)?;
         return Ok(Box::new(nccl::NcclCollective::init(host, ordinal)?));
     }
     let _ = gpu_ordinal;
+    if !world.is_distributed() {
+        return Ok(Box::new(SingleProcess));
+    }
     connect_mpi(world, timeout)
 }
 
