@@ -235,6 +235,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             set_cpu_threads(threads);
             let gpu_ordinal = (backend == BackendKind::Cuda).then_some(world.local_rank);
             let collective = ditrun::dist::connect(&world, Duration::from_secs(600), gpu_ordinal)?;
+            // One GPU and no launcher: the all-reduce still goes through NCCL, as a smoke test.
+            #[cfg(feature = "cuda")]
+            let collective = match gpu_ordinal {
+                Some(ordinal) if allreduce && !world.is_distributed() && collective.device().is_none() => {
+                    ditrun::dist::nccl_single_process(ordinal)?
+                }
+                _ => collective,
+            };
             let report = if allreduce {
                 serde_json::to_string(&bench::allreduce(backend, collective.as_ref(), bench::SEED_MODEL_PARAMS, steps.max(1))?)?
             } else {

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 pub fn connect(world: &World, timeout: Duration, gpu_ordinal: Option<usize>) -> Result<Box<dyn Collective>> {
     #[cfg(feature = "cuda")]
     if let (Some(ordinal), WorldSource::OpenMpi | WorldSource::Pmi) = (gpu_ordinal, world.source) {
-        let host = mpi::MpiCollective::init(timeout)?;
+        let host = connect_mpi(world, timeout)?;
         return Ok(Box::new(nccl::NcclCollective::init(host, ordinal)?));
     }
     let _ = gpu_ordinal;
@@ -36,6 +36,13 @@ pub fn connect(world: &World, timeout: Duration, gpu_ordinal: Option<usize>) -> 
         return Ok(Box::new(SingleProcess));
     }
     connect_mpi(world, timeout)
+}
+
+/// NCCL on one process, without MPI: the smoke test of the NCCL path on a one-GPU machine
+/// (`ditrun bench --backend cuda --allreduce`).
+#[cfg(feature = "cuda")]
+pub fn nccl_single_process(ordinal: usize) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(nccl::NcclCollective::init(Box::new(SingleProcess), ordinal)?))
 }
 
 #[cfg(feature = "mpi")]

@@ -1,6 +1,7 @@
-//! Collectives between GPU ranks over NCCL (loaded at run time by cudarc). MPI starts the
-//! job and carries NCCL's unique id from rank 0, the arrival checks that name a missing rank,
-//! and the small host-side collectives; gradients are averaged by NCCL on device memory.
+//! Collectives between GPU ranks over NCCL (loaded at run time by cudarc). A host collective
+//! (MPI between ranks; none for one process) carries NCCL's unique id from rank 0, the
+//! arrival checks that name a missing rank, and the small host-side collectives; gradients
+//! are averaged by NCCL on device memory.
 
 use std::sync::Arc;
 
@@ -8,13 +9,12 @@ use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{result as nccl, sys};
 
 use super::collective::{Collective, DeviceAllReduce};
-use super::mpi::MpiCollective;
 use crate::error::{Error, Result};
 
 pub struct NcclCollective {
     communicator: sys::ncclComm_t,
     stream: Arc<CudaStream>,
-    host: MpiCollective,
+    host: Box<dyn Collective>,
 }
 
 fn cuda_error(what: &str, error: impl std::fmt::Debug) -> Error {
@@ -23,7 +23,7 @@ fn cuda_error(what: &str, error: impl std::fmt::Debug) -> Error {
 
 impl NcclCollective {
     /// Joins the NCCL communicator of all ranks on GPU `ordinal`.
-    pub fn init(host: MpiCollective, ordinal: usize) -> Result<Self> {
+    pub fn init(host: Box<dyn Collective>, ordinal: usize) -> Result<Self> {
         let context = CudaContext::new(ordinal).map_err(|e| cuda_error(&format!("CUDA device {ordinal}"), e))?;
         let stream = context.new_stream().map_err(|e| cuda_error("creating the NCCL stream", e))?;
         let id = if host.rank() == 0 {
