@@ -422,3 +422,107 @@ fn two_writers_in_one_run_never_share_a_file() {
     let second = EventWriter::create(log_dir, "run").unwrap();
     assert_ne!(first.local_path(), second.local_path());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real TensorBoard server
+// ---------------------------------------------------------------------------------------------
+
+/// TensorBoard on 127.0.0.1 over `log_dir`, stopped when dropped.
+struct TensorBoardServer {
+    child: std::process::Child,
+    base: String,
+}
+
+impl TensorBoardServer {
+    fn start(log_dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(python())
+            .args(["-m", "tensorboard.main", "--host", "127.0.0.1", "--port", &port.to_string()])
+            // The pure-Python loader: the Rust data server is an optional binary download.
+            .args(["--load_fast", "false", "--reload_interval", "1", "--logdir"])
+            .arg(log_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tensorboard starts");
+        Self { child, base: format!("http://127.0.0.1:{port}") }
+    }
+
+    fn get(&self, path: &str) -> Option<Vec<u8>> {
+        let mut response = ureq::get(&format!("{}{path}", self.base)).call().ok()?;
+        response.body_mut().with_config().limit(64 << 20).read_to_vec().ok()
+    }
+
+    fn json(&self, path: &str) -> Option<Value> {
+        serde_json::from_slice(&self.get(path)?).ok()
+    }
+
+    /// Polls `path` until `ready` accepts its JSON (the server loads event files in the
+    /// background after it starts).
+    fn wait_for(&self, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            if let Some(value) = self.json(path).filter(|v| ready(v)) {
+                return value;
+            }
+            assert!(started.elapsed() < Duration::from_secs(90), "TensorBoard never served {path} as expected");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for TensorBoardServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_tensorboard_server_shows_a_short_run_s_scalars_and_sample_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display();
+    let yaml = format!(
+        r#"
+name: tb-run
+model: {{ image_size: 8, patch_size: 4, channels: 3, dim: 16, depth: 1, heads: 2, mlp_ratio: 2.0, context_dim: 32 }}
+text_encoder: {{ hidden_size: 32, intermediate_size: 64, layers: 2, heads: 2 }}
+data:
+  shards: {root}/shards
+  prepare: {{ dataset: synthetic, samples: 32, samples_per_shard: 16 }}
+train: {{ steps: 4, batch_size: 8, lr: 1.0e-3, seed: 3, threads: 1 }}
+checkpoint: {{ url: "" }}
+logging: {{ dir: {root}/tensorboard, every_steps: 1 }}
+sample: {{ every_steps: 2, prompts: ["a photo of a red circle", "a photo of a blue square"], steps: 2, per_prompt: 2 }}
+"#
+    );
+    let job = ditrun::config::JobSpec::from_yaml(&yaml, "tb-run.yaml").unwrap();
+    ditrun::train::train(&job, &ditrun::train::Resume::Never).unwrap();
+
+    let server = TensorBoardServer::start(&dir.path().join("tensorboard"));
+    let runs = server.wait_for("/data/runs", |runs| runs.as_array().is_some_and(|r| !r.is_empty()));
+    assert_eq!(runs, serde_json::json!(["tb-run"]));
+
+    let wanted = ["train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"];
+    let tags = server.wait_for("/data/plugin/scalars/tags", |tags| {
+        wanted.iter().all(|tag| tags["tb-run"].get(tag).is_some())
+    });
+    assert!(tags["tb-run"].get("train/data_wait_secs").is_some(), "{tags}");
+    let loss = server
+        .json("/data/plugin/scalars/scalars?run=tb-run&tag=train/loss")
+        .expect("the loss series");
+    let steps: Vec<u64> = loss.as_array().unwrap().iter().map(|point| point[1].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    assert!(loss.as_array().unwrap().iter().all(|point| point[2].as_f64().unwrap().is_finite()));
+
+    let image_tags = server.wait_for("/data/plugin/images/tags", |tags| tags["tb-run"].get("samples").is_some());
+    let description = image_tags["tb-run"]["samples"]["description"].as_str().unwrap_or_default();
+    assert!(description.contains("a photo of a red circle"), "the prompts travel with the grid: {description}");
+    let images = server.json("/data/plugin/images/images?run=tb-run&tag=samples").expect("the image series");
+    let images = images.as_array().unwrap();
+    let steps: Vec<u64> = images.iter().map(|image| image["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4]);
+    let query = images[1]["query"].as_str().unwrap();
+    let png = server.get(&format!("/data/plugin/images/individualImage?{query}")).expect("the PNG");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "TensorBoard serves the grid as a PNG");
+}
