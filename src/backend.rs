@@ -105,11 +105,21 @@ pub fn seeded<B: burn::tensor::backend::Backend, T>(
     seed: u64,
     init: impl FnOnce() -> T,
 ) -> T {
-    static SEEDED_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _exclusive = SEEDED_INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _exclusive = RANDOM_INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     B::seed(device, seed);
     init()
 }
+
+/// Runs an initialisation whose random values do not matter (a template about to be
+/// overwritten by loaded weights) without drawing from the generator while a [`seeded`]
+/// initialisation runs in another thread: that would change the seeded model.
+pub fn unseeded<T>(init: impl FnOnce() -> T) -> T {
+    let _exclusive = RANDOM_INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    init()
+}
+
+/// Held by every initialisation that draws from burn's global generator.
+static RANDOM_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Tiny gradients and optimiser moments decay into subnormal floats during training, and x86
 /// computes on those through a microcode slow path: the quickstart's step time doubled over

@@ -66,38 +66,33 @@ impl World {
             (Some(addr), None) => Some(addr.clone()),
             _ => None,
         };
-        let world = if let (Some(rank), Some(size)) =
-            (number("OMPI_COMM_WORLD_RANK")?, number("OMPI_COMM_WORLD_SIZE")?)
-        {
-            World {
-                rank,
-                world_size: size,
-                local_rank: number("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(0),
-                local_world_size: number("OMPI_COMM_WORLD_LOCAL_SIZE")?.unwrap_or(size),
-                source: WorldSource::OpenMpi,
-                master,
+        // (source, rank, size, local rank, local size): the first launcher whose rank and
+        // size are both set describes the world.
+        let launchers = [
+            (
+                WorldSource::OpenMpi,
+                "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE",
+            ),
+            (WorldSource::Pmi, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+            (WorldSource::Torchrun, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+        ];
+        let mut world = World::single();
+        for (source, rank, size, local_rank, local_size) in launchers {
+            if let (Some(rank), Some(size)) = (number(rank)?, number(size)?) {
+                world = World {
+                    rank,
+                    world_size: size,
+                    local_rank: number(local_rank)?.unwrap_or(0),
+                    local_world_size: number(local_size)?.unwrap_or(size),
+                    source,
+                    master,
+                };
+                break;
             }
-        } else if let (Some(rank), Some(size)) = (number("PMI_RANK")?, number("PMI_SIZE")?) {
-            World {
-                rank,
-                world_size: size,
-                local_rank: number("MPI_LOCALRANKID")?.unwrap_or(0),
-                local_world_size: number("MPI_LOCALNRANKS")?.unwrap_or(size),
-                source: WorldSource::Pmi,
-                master,
-            }
-        } else if let (Some(rank), Some(size)) = (number("RANK")?, number("WORLD_SIZE")?) {
-            World {
-                rank,
-                world_size: size,
-                local_rank: number("LOCAL_RANK")?.unwrap_or(0),
-                local_world_size: number("LOCAL_WORLD_SIZE")?.unwrap_or(size),
-                source: WorldSource::Torchrun,
-                master,
-            }
-        } else {
-            World::single()
-        };
+        }
         world.check()?;
         Ok(world)
     }

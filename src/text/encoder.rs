@@ -20,7 +20,7 @@ pub fn load_clip_text<B: Backend>(
     } else {
         ""
     };
-    load_module(config.init::<B>(device), file, prefix)
+    crate::backend::unseeded(|| load_module(config.init::<B>(device), file, prefix))
 }
 
 /// The frozen encoder and its tokenizer.

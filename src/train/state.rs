@@ -122,7 +122,7 @@ pub fn model_from_checkpoint<B: Backend>(
     config: &TextDiTConfig,
     device: &B::Device,
 ) -> Result<TextConditionalDiT<B>> {
-    let template = with_path_ids(config.init::<B>(device)?);
+    let template = crate::backend::unseeded(|| config.init::<B>(device).map(with_path_ids))?;
     load_module(template, &checkpoint_file(checkpoint, EMA_FILE)?, "")
 }
 
