@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once) the Python virtual environment that tests and CI use for real reference
-# tools (TensorBoard's reader, an S3 server), and prints its python's path on stdout.
+# tools (TensorBoard's reader, an S3 server, Kubernetes' API schemas), and prints its python's
+# path on stdout.
 #
 #   DITRUN_VENV   where the venv lives (default /var/cache/ditrun/venv, beside the build cache)
 #   DITRUN_BASE_PYTHON   the interpreter that creates it (default python3)
@@ -16,6 +17,9 @@ PYTHON_PACKAGES=(
     # The S3-compatible server the storage tests run against (the `server` extra brings flask
     # and flask-cors).
     "moto[s3,server]==5.2.5"
+    # Offline checks of the Kubernetes manifests (scripts/validate-k8s.py): the API server's
+    # JSON Schemas for each Kubernetes version, strict variants included; brings jsonschema.
+    "kubernetes-validate==1.37.0"
 )
 
 log() { echo "python-venv: $*" >&2; }
