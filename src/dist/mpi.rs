@@ -164,6 +164,15 @@ impl MpiCollective {
     }
 }
 
+/// Starts one non-blocking MPI call, which writes its request through the pointer it gets,
+/// and keeps the request for [`MpiCollective::round`] to poll; returns the call's error code.
+fn start(requests: &mut Vec<ffi::MPI_Request>, call: impl FnOnce(*mut ffi::MPI_Request) -> c_int) -> c_int {
+    let mut request = null_request();
+    let code = call(&mut request);
+    requests.push(request);
+    code
+}
+
 fn null_request() -> ffi::MPI_Request {
     unsafe { ffi::RSMPI_REQUEST_NULL }
 }
@@ -210,17 +219,17 @@ impl Collective for MpiCollective {
         let send = values.to_vec();
         self.round(what, |comm, requests| unsafe {
             for (send, receive) in send.chunks(MAX_COUNT).zip(values.chunks_mut(MAX_COUNT)) {
-                let mut request = null_request();
-                let code = ffi::MPI_Iallreduce(
-                    send.as_ptr() as *const c_void,
-                    receive.as_mut_ptr() as *mut c_void,
-                    send.len() as c_int,
-                    ffi::RSMPI_FLOAT,
-                    ffi::RSMPI_SUM,
-                    comm,
-                    &mut request,
-                );
-                requests.push(request);
+                let code = start(requests, |request| {
+                    ffi::MPI_Iallreduce(
+                        send.as_ptr() as *const c_void,
+                        receive.as_mut_ptr() as *mut c_void,
+                        send.len() as c_int,
+                        ffi::RSMPI_FLOAT,
+                        ffi::RSMPI_SUM,
+                        comm,
+                        request,
+                    )
+                });
                 if code != 0 {
                     return code;
                 }
@@ -235,31 +244,17 @@ impl Collective for MpiCollective {
     fn broadcast(&self, root: usize, mut bytes: Vec<u8>, what: &str) -> Result<Vec<u8>> {
         let mut length = [bytes.len() as u64];
         self.round(what, |comm, requests| unsafe {
-            let mut request = null_request();
-            let code = ffi::MPI_Ibcast(
-                length.as_mut_ptr() as *mut c_void,
-                1,
-                ffi::RSMPI_UINT64_T,
-                root as c_int,
-                comm,
-                &mut request,
-            );
-            requests.push(request);
-            code
+            start(requests, |request| {
+                ffi::MPI_Ibcast(length.as_mut_ptr() as *mut c_void, 1, ffi::RSMPI_UINT64_T, root as c_int, comm, request)
+            })
         })?;
         bytes.resize(length[0] as usize, 0);
         self.round(what, |comm, requests| unsafe {
             for piece in bytes.chunks_mut(MAX_COUNT) {
-                let mut request = null_request();
-                let code = ffi::MPI_Ibcast(
-                    piece.as_mut_ptr() as *mut c_void,
-                    piece.len() as c_int,
-                    ffi::RSMPI_UINT8_T,
-                    root as c_int,
-                    comm,
-                    &mut request,
-                );
-                requests.push(request);
+                let code = start(requests, |request| {
+                    let count = piece.len() as c_int;
+                    ffi::MPI_Ibcast(piece.as_mut_ptr() as *mut c_void, count, ffi::RSMPI_UINT8_T, root as c_int, comm, request)
+                });
                 if code != 0 {
                     return code;
                 }
@@ -272,30 +267,17 @@ impl Collective for MpiCollective {
     fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
         let mut all = vec![0u8; mine.len() * self.world_size];
         self.round(what, |comm, requests| unsafe {
-            let mut request = null_request();
-            let code = ffi::MPI_Iallgather(
-                mine.as_ptr() as *const c_void,
-                mine.len() as c_int,
-                ffi::RSMPI_UINT8_T,
-                all.as_mut_ptr() as *mut c_void,
-                mine.len() as c_int,
-                ffi::RSMPI_UINT8_T,
-                comm,
-                &mut request,
-            );
-            requests.push(request);
-            code
+            start(requests, |request| {
+                let count = mine.len() as c_int;
+                let (send, receive) = (mine.as_ptr() as *const c_void, all.as_mut_ptr() as *mut c_void);
+                ffi::MPI_Iallgather(send, count, ffi::RSMPI_UINT8_T, receive, count, ffi::RSMPI_UINT8_T, comm, request)
+            })
         })?;
         Ok(all.chunks(mine.len().max(1)).map(<[u8]>::to_vec).collect())
     }
 
     fn barrier(&self, what: &str) -> Result<()> {
-        self.round(what, |comm, requests| unsafe {
-            let mut request = null_request();
-            let code = ffi::MPI_Ibarrier(comm, &mut request);
-            requests.push(request);
-            code
-        })
+        self.round(what, |comm, requests| unsafe { start(requests, |request| ffi::MPI_Ibarrier(comm, request)) })
     }
 
     fn abort(&self, code: i32) -> ! {
