@@ -4,7 +4,7 @@
 //! `text/` (the frozen encoder and its caption cache), `data/` (datasets, caption shards, the
 //! streaming reader), `storage/` (URLs to object stores, weight downloads), `checkpoint/`
 //! (save, commit, retention, resume), `metrics/` (TensorBoard events, console progress),
-//! `config/` (job specs), `dist/` (ranks, collectives, the launcher), `train/` (the training loop); `sample`, `inspect` and `bench` back the
+//! `config/` (job specs), `dist/` (ranks, collectives, the launcher), `train/` (the training loop), `viz/` (pictures: caption similarity); `sample`, `inspect` and `bench` back the
 //! subcommands of the same names.
 
 pub mod backend;
@@ -22,5 +22,6 @@ pub mod sample;
 pub mod storage;
 pub mod text;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};

@@ -107,8 +107,16 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    /// Print what a job file, checkpoint or shard folder holds, as JSON.
-    Inspect { target: String },
+    /// Print what a job file, checkpoint or shard folder holds, as JSON; or look inside a
+    /// model (`ditrun inspect similarity --help`).
+    #[command(args_conflicts_with_subcommands = true)]
+    Inspect {
+        #[command(subcommand)]
+        view: Option<InspectView>,
+        /// A job file, checkpoint URL or shard folder.
+        #[arg(required = true)]
+        target: Option<String>,
+    },
     /// Time full training steps of the seed model (loss, backward, AdamW) and print one JSON
     /// line with images/s.
     Bench {
@@ -132,6 +140,27 @@ enum Command {
         /// (`mpirun -np N ditrun bench --allreduce`), against a memcpy of the same buffer.
         #[arg(long)]
         allreduce: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum InspectView {
+    /// Cosine similarity of the text encoder's pooled embeddings of the prompts: a table on
+    /// stdout (`--json` for machines) and, with --out, a labelled heat-map PNG.
+    Similarity {
+        /// The checkpoint whose job names the text encoder (`.../step-000001000`, or a
+        /// checkpoint folder for its latest).
+        #[arg(long, conflicts_with = "job", required_unless_present = "job")]
+        checkpoint: Option<String>,
+        /// Or a job file (its `text_encoder` section).
+        #[arg(long)]
+        job: Option<PathBuf>,
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -224,8 +253,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", path.display());
             }
         }
-        Command::Inspect { target } => {
+        Command::Inspect { view: None, target } => {
+            let target = target.expect("clap requires a target without a subcommand");
             println!("{}", serde_json::to_string_pretty(&ditrun::inspect::inspect(&target)?)?);
+        }
+        Command::Inspect { view: Some(InspectView::Similarity { checkpoint, job, prompts, out, json }), .. } => {
+            set_cpu_threads(all_cores());
+            let job = match (&checkpoint, &job) {
+                (Some(url), _) => ditrun::train::job_of_checkpoint(&ditrun::checkpoint::load_url(url)?)?,
+                (None, path) => ditrun::config::load_job(path.as_deref(), &[])?,
+            };
+            let report = ditrun::viz::similarity_for_job(&job, &prompts)?;
+            if let Some(path) = &out {
+                let png = ditrun::viz::render_similarity(&report).to_png()?;
+                std::fs::write(path, png).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                for (i, (prompt, row)) in report.prompts.iter().zip(&report.matrix).enumerate() {
+                    let cells: Vec<String> = row.iter().map(|v| format!("{v:6.3}")).collect();
+                    println!("{:>2} {}  {}", i + 1, cells.join(" "), prompt);
+                }
+            }
         }
         Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce } => {
             // Under mpirun every rank benchmarks and gradients are averaged as in training;
