@@ -106,6 +106,12 @@ enum Command {
         /// One PNG per image, named after its prompt and index.
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// A classifier-free guidance sweep instead: one image per prompt (rows) and scale
+        /// (columns, labelled), the same seed in every column, as one PNG at --out. Scales
+        /// are comma-separated; given alone: 1,3,5,7.5,10,15.
+        #[arg(long, value_delimiter = ',', num_args = 0..=1, default_missing_value = "1,3,5,7.5,10,15",
+              requires = "out", conflicts_with = "out_dir", value_name = "SCALES")]
+        cfg_sweep: Option<Vec<f64>>,
     },
     /// Print what a job file, checkpoint or shard folder holds, as JSON; or look inside a
     /// model (`ditrun inspect similarity --help`).
@@ -241,13 +247,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(code);
             }
         }
-        Command::Sample { checkpoint, prompts, cfg, steps, sampler, seed, per_prompt, out, out_dir } => {
+        Command::Sample { checkpoint, prompts, cfg, steps, sampler, seed, per_prompt, out, out_dir, cfg_sweep } => {
             set_cpu_threads(all_cores());
             let request = ditrun::sample::SampleRequest {
                 checkpoint,
                 prompts,
                 options: ditrun::sample::SampleOptions { cfg, steps, sampler, per_prompt, seed },
             };
+            if let Some(scales) = cfg_sweep {
+                let out = out.expect("clap requires --out with --cfg-sweep");
+                println!("{}", ditrun::sample::sweep_checkpoint(&request, &scales, &out)?.display());
+                return Ok(());
+            }
             let written = ditrun::sample::sample_checkpoint(&request, out.as_deref(), out_dir.as_deref())?;
             for path in written {
                 println!("{}", path.display());

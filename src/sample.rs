@@ -68,6 +68,21 @@ pub fn generate<B: Backend, E: Backend>(
         .collect()
 }
 
+/// One image per (prompt, scale) with the same seed, so every column starts from the same
+/// noise and differs only in its guidance: `result[scale][prompt]`.
+pub fn cfg_sweep<B: Backend, E: Backend>(
+    model: &TextConditionalDiT<B>,
+    cache: &mut TextEmbeddingCache<E>,
+    prompts: &[String],
+    scales: &[f64],
+    options: &SampleOptions,
+) -> Vec<Vec<GeneratedImage>> {
+    scales
+        .iter()
+        .map(|&cfg| generate(model, cache, prompts, &SampleOptions { cfg, per_prompt: 1, ..options.clone() }))
+        .collect()
+}
+
 /// `[C, H, W]` in [-1, 1] → `H × W × C` bytes.
 fn to_pixels(chw: &[f32], channels: usize, size: usize) -> Vec<u8> {
     let mut out = vec![0u8; chw.len()];
@@ -123,6 +138,23 @@ pub fn sample_checkpoint(
         }
     }
     Ok(written)
+}
+
+/// The CFG sweep of a checkpoint's EMA weights as a labelled grid PNG at `out`: rows are the
+/// prompts, columns the guidance scales.
+pub fn sweep_checkpoint(request: &SampleRequest, scales: &[f64], out: &Path) -> Result<PathBuf> {
+    let checkpoint = crate::checkpoint::load_url(&request.checkpoint)?;
+    let job = crate::train::job_of_checkpoint(&checkpoint)?;
+    let backend = job.train.backend.resolve()?;
+    let columns = crate::with_backend!(backend, B => {
+        let device = burn::tensor::Device::<B>::default();
+        let model = crate::train::model_from_checkpoint::<B>(&checkpoint, &job.dit_config(), &device)?;
+        let mut cache = TextEmbeddingCache::<B>::for_job(&job, &device)?;
+        Ok::<_, crate::Error>(cfg_sweep(&model, &mut cache, &request.prompts, scales, &request.options))
+    })?;
+    let canvas = crate::viz::render_sweep(&request.prompts, scales, &columns, job.model.image_size, job.model.channels);
+    std::fs::write(out, canvas.to_png()?).map_err(|e| Error::io(out, e))?;
+    Ok(out.to_path_buf())
 }
 
 fn write_png(path: &Path, pixels: &[u8], height: usize, width: usize, channels: usize) -> Result<()> {

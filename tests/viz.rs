@@ -87,3 +87,112 @@ fn inspect_similarity_prints_the_matrix_as_json_and_writes_the_png() {
     assert_eq!(report["matrix"][0][1], report["matrix"][1][0]);
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// CFG sweep
+// ---------------------------------------------------------------------------------------------
+
+use burn::prelude::*;
+use ditrun::model::{TextConditionalDiT, TextDiTConfig};
+use ditrun::sample::{cfg_sweep, SampleOptions};
+use ditrun::text::TextEmbeddingCache;
+
+fn tiny_dit() -> TextConditionalDiT<TestBackend> {
+    let config = TextDiTConfig {
+        image_size: 8,
+        patch_size: 4,
+        channels: 3,
+        dim: 16,
+        depth: 1,
+        heads: 2,
+        mlp_ratio: 2.0,
+        context_dim: 32,
+    };
+    // The zero-initialised head would make every velocity 0; random weights make the
+    // guidance scale matter.
+    ditrun::backend::seeded::<TestBackend, _>(&Default::default(), 9, || {
+        let model = config.init::<TestBackend>(&Default::default()).unwrap();
+        randomize_head(model)
+    })
+}
+
+fn randomize_head(mut model: TextConditionalDiT<TestBackend>) -> TextConditionalDiT<TestBackend> {
+    let dims = model.final_proj.weight.val().dims();
+    let device = Default::default();
+    model.final_proj.weight = burn::module::Param::from_tensor(Tensor::random(
+        dims,
+        burn::tensor::Distribution::Normal(0.0, 0.5),
+        &device,
+    ));
+    model
+}
+
+/// Euler steps of the conditional velocity alone: the sampler without guidance, written
+/// here independently of `flow::sample`.
+fn plain_conditional(
+    model: &TextConditionalDiT<TestBackend>,
+    cache: &mut TextEmbeddingCache<TestBackend>,
+    prompts: &[String],
+    steps: usize,
+    seed: u64,
+) -> Vec<Vec<u8>> {
+    use rand::SeedableRng;
+    let device = Default::default();
+    let captions: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let (context, mask) = cache.batch::<TestBackend>(&captions, &device);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = prompts.len() * 3 * 8 * 8;
+    let noise: Vec<f32> = (0..n).map(|_| rand::Rng::sample::<f32, _>(&mut rng, rand_distr::StandardNormal)).collect();
+    let mut x = Tensor::<TestBackend, 4>::from_data(TensorData::new(noise, [prompts.len(), 3, 8, 8]), &device);
+    let dt = 1.0 / steps as f64;
+    for i in 0..steps {
+        let t = Tensor::full([prompts.len()], 1.0 - i as f64 * dt, &device);
+        let v = model.forward(x.clone(), t, context.clone(), Some(mask.clone()));
+        x = x - v.mul_scalar(dt);
+    }
+    let values: Vec<f32> = x.into_data().convert::<f32>().into_vec().unwrap();
+    values
+        .chunks(3 * 64)
+        .map(|chw| {
+            (0..64)
+                .flat_map(|p| (0..3).map(move |c| chw[c * 64 + p]))
+                .map(|v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_sweep_at_scale_one_is_the_plain_conditional_sampler_and_scales_differ() {
+    let model = tiny_dit();
+    let mut cache = TextEmbeddingCache::new(tiny_encoder());
+    let prompts: Vec<String> = ["a photo of a red circle", "a photo of a cat"].map(String::from).to_vec();
+    let options = SampleOptions { cfg: 7.5, steps: 4, sampler: ditrun::flow::Sampler::Euler, per_prompt: 4, seed: 11 };
+    let columns = cfg_sweep(&model, &mut cache, &prompts, &[1.0, 7.5], &options);
+    assert_eq!(columns.len(), 2);
+    assert!(columns.iter().all(|c| c.len() == 2), "one image per prompt in each column");
+    let plain = plain_conditional(&model, &mut cache, &prompts, 4, 11);
+    for (image, expected) in columns[0].iter().zip(&plain) {
+        assert_eq!(&image.pixels, expected, "scale 1 = conditional sampler, same seed");
+    }
+    assert_ne!(columns[0][0].pixels, columns[1][0].pixels, "guidance changes the image");
+}
+
+#[test]
+fn the_sweep_grid_has_its_documented_size_and_is_not_blank() {
+    let model = tiny_dit();
+    let mut cache = TextEmbeddingCache::new(tiny_encoder());
+    let prompts: Vec<String> = ["a photo of a red circle", "a photo of a blue square"].map(String::from).to_vec();
+    let scales = [1.0, 3.0, 7.5];
+    let options = SampleOptions { cfg: 1.0, steps: 2, sampler: ditrun::flow::Sampler::Euler, per_prompt: 1, seed: 0 };
+    let columns = cfg_sweep(&model, &mut cache, &prompts, &scales, &options);
+    let canvas = ditrun::viz::render_sweep(&prompts, &scales, &columns, 8, 3);
+    assert_eq!((canvas.width, canvas.height), ditrun::viz::sweep_canvas_size(&prompts, 3, 8));
+    // 8-pixel images are drawn 16 times larger: three 128-pixel columns and two rows fit.
+    assert_eq!(ditrun::viz::upscale_factor(8), 16);
+    assert!(canvas.width > 3 * 128 && canvas.height > 2 * 128);
+    assert!(!canvas.is_blank());
+    let png = canvas.to_png().unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
+    assert_eq!((reader.info().width as usize, reader.info().height as usize), (canvas.width, canvas.height));
+}

@@ -86,6 +86,15 @@ pub fn viridis(t: f64) -> [u8; 3] {
     out
 }
 
+/// `text` cut to `max_chars` characters, ending in "..." when cut.
+pub fn shorten(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        text.to_string()
+    } else {
+        format!("{}...", text.chars().take(max_chars.saturating_sub(3)).collect::<String>())
+    }
+}
+
 /// Black or white, whichever reads better on `background`.
 pub fn ink_for(background: [u8; 3]) -> [u8; 3] {
     let luminance = 0.299 * background[0] as f64 + 0.587 * background[1] as f64 + 0.114 * background[2] as f64;

@@ -4,7 +4,7 @@
 
 use burn::prelude::*;
 
-use super::canvas::{ink_for, viridis, Canvas, BLACK, WHITE};
+use super::canvas::{shorten, ink_for, viridis, Canvas, BLACK, WHITE};
 use crate::config::JobSpec;
 use crate::error::Result;
 use crate::text::TextEncoder;
@@ -90,7 +90,7 @@ const LABEL_CHARS: usize = 40;
 /// legend (see [`similarity_canvas_size`]).
 pub fn render_similarity(report: &SimilarityReport) -> Canvas {
     let n = report.prompts.len();
-    let labels: Vec<String> = report.prompts.iter().enumerate().map(|(i, p)| format!("{}  {}", i + 1, shorten(p))).collect();
+    let labels: Vec<String> = report.prompts.iter().enumerate().map(|(i, p)| format!("{}  {}", i + 1, shorten(p, LABEL_CHARS))).collect();
     let (width, height, left, top) = layout(&labels, n);
     let mut canvas = Canvas::new(width, height, WHITE);
     canvas.text(PAD, PAD, "Cosine similarity of pooled text embeddings", SCALE, BLACK);
@@ -114,14 +114,14 @@ pub fn render_similarity(report: &SimilarityReport) -> Canvas {
             canvas.text_centred(x + CELL / 2, y + (CELL - 8 * SCALE) / 2, &format!("{value:.3}"), SCALE, ink_for(colour));
         }
     }
-    let legend = format!("colour: {low:.3} (dark) to 1.000 (yellow); encoder: {}", shorten(&report.encoder));
+    let legend = format!("colour: {low:.3} (dark) to 1.000 (yellow); encoder: {}", shorten(&report.encoder, LABEL_CHARS));
     canvas.text(PAD, top + n * CELL + PAD, &legend, SCALE, BLACK);
     canvas
 }
 
 /// (width, height) of [`render_similarity`]'s picture for these prompts.
 pub fn similarity_canvas_size(report: &SimilarityReport) -> (usize, usize) {
-    let labels: Vec<String> = report.prompts.iter().enumerate().map(|(i, p)| format!("{}  {}", i + 1, shorten(p))).collect();
+    let labels: Vec<String> = report.prompts.iter().enumerate().map(|(i, p)| format!("{}  {}", i + 1, shorten(p, LABEL_CHARS))).collect();
     let (width, height, _, _) = layout(&labels, report.prompts.len());
     (width, height)
 }
@@ -137,12 +137,4 @@ fn layout(labels: &[String], n: usize) -> (usize, usize, usize, usize) {
     let width = (left + n * CELL + PAD).max(title_width).max(legend_width);
     let height = top + n * CELL + PAD + glyph + PAD;
     (width, height, left, top)
-}
-
-fn shorten(text: &str) -> String {
-    if text.chars().count() <= LABEL_CHARS {
-        text.to_string()
-    } else {
-        format!("{}...", text.chars().take(LABEL_CHARS - 3).collect::<String>())
-    }
 }
