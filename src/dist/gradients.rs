@@ -81,15 +81,7 @@ pub fn reduce_bucket<B: Backend>(
         B::sync(&device).map_err(|e| crate::Error::Distributed(format!("{what}: {e:?}")))?;
         if let Some((address, _keep_alive)) = super::nccl::device_address(&bucket) {
             unsafe { device_reduce.all_reduce_mean_device(address, bucket.dims()[0], what)? };
-            let mut offset = 0;
-            return Ok(lens
-                .iter()
-                .map(|&n| {
-                    let piece = bucket.clone().narrow(0, offset, n);
-                    offset += n;
-                    piece
-                })
-                .collect());
+            return Ok(split_like(bucket, &lens));
         }
         return reduce_on_host(split_like(bucket, &lens), &lens, &device, collective, what);
     }
@@ -119,6 +111,7 @@ fn reduce_on_host<B: Backend>(
         .collect())
 }
 
+/// The bucket cut back into pieces of `lens` values (views, no copies).
 #[cfg(feature = "cuda")]
 fn split_like<B: Backend>(bucket: Tensor<B, 1>, lens: &[usize]) -> Vec<Tensor<B, 1>> {
     let mut offset = 0;

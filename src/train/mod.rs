@@ -230,7 +230,6 @@ fn train_on<AB: AutodiffBackend>(
     if let Some(checkpoint) = &loaded {
         warn_if_config_changed(checkpoint, &config_hash);
     }
-    let resumed_from = loaded.as_ref().map(|c| c.state.step);
     let TrainingState { mut model, mut ema, step: start_step, position } = if world.is_distributed() {
         // Rank 0's state (its checkpoint, or its fresh weights) is every rank's start, so the
         // ranks begin bit-identical whatever each one initialised or could read.
@@ -268,7 +267,9 @@ fn train_on<AB: AutodiffBackend>(
             None => TrainingState::start(fresh),
         }
     };
-    let resumed_from = if world.is_distributed() { (start_step > 0).then_some(start_step) } else { resumed_from };
+    // Every checkpoint is of a step ≥ 1, so a non-zero start is a resume (on every rank, also
+    // those that received rank 0's checkpoint instead of reading one).
+    let resumed_from = (start_step > 0).then_some(start_step);
     if primary {
         if let Some(step) = resumed_from {
             tracing::info!(step, epoch = position.epoch, position = position.position, "resumed");
