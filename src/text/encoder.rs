@@ -1,7 +1,7 @@
 use burn::prelude::*;
 
 use crate::error::Result;
-use crate::model::weights::{load_module, materialize, SafetensorsFile};
+use crate::model::weights::{load_module, materialize, module_to_safetensors, SafetensorsFile};
 use crate::model::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::storage::resolve_weights;
 
@@ -21,6 +21,24 @@ pub fn load_clip_text<B: Backend>(
         ""
     };
     crate::backend::unseeded(|| load_module(config.init::<B>(device), file, prefix))
+}
+
+/// The seeded random encoder, the same numbers on every backend: drawn by NdArray's generator
+/// on the CPU, then copied to `device`. Each backend's generator draws other numbers for the
+/// same seed (CUDA's runs on the GPU), so an encoder drawn on the device would make a
+/// checkpoint trained on a GPU meaningless when sampled on a CPU.
+fn backend_independent_random_init<B: Backend>(
+    config: &ClipTextConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<ClipTextModel<B>> {
+    type Host = burn::backend::NdArray;
+    let host_device = Default::default();
+    let host = crate::backend::seeded::<Host, _>(&host_device, seed, || {
+        materialize(config.init::<Host>(&host_device))
+    });
+    let file = SafetensorsFile::from_bytes(format!("random text encoder (seed {seed})"), module_to_safetensors(&host)?)?;
+    crate::backend::unseeded(|| load_module(config.init::<B>(device), &file, ""))
 }
 
 /// The frozen encoder and its tokenizer.
@@ -53,7 +71,7 @@ impl<B: Backend> TextEncoder<B> {
                      random initialisation (captions are still distinguishable, but carry no \
                      pretrained meaning); set it to hf://openai/clip-vit-base-patch32 for the real one"
                 );
-                crate::backend::seeded::<B, _>(device, seed, || materialize(config.init::<B>(device)))
+                backend_independent_random_init(config, seed, device)?
             }
         };
         Ok(Self {
