@@ -114,7 +114,7 @@ enum Command {
         cfg_sweep: Option<Vec<f64>>,
     },
     /// Print what a job file, checkpoint or shard folder holds, as JSON; or look inside a
-    /// model (`ditrun inspect similarity --help`).
+    /// model (`ditrun inspect similarity --help`, `ditrun inspect cross-attention --help`).
     #[command(args_conflicts_with_subcommands = true)]
     Inspect {
         #[command(subcommand)]
@@ -164,6 +164,36 @@ enum InspectView {
         #[arg(long = "prompt", required = true)]
         prompts: Vec<String>,
         #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cross-attention maps: sample one image for the prompt with the checkpoint's EMA weights
+    /// and show, for each real text token (start marker, word pieces, end marker), where on
+    /// the image it was attended to: a PNG with a row per chosen time and a heat map per token
+    /// (heads averaged; one block or the mean of all). `--json` prints the weights.
+    CrossAttention {
+        /// A checkpoint (`.../step-000001000`) or a checkpoint folder (its latest).
+        #[arg(long)]
+        checkpoint: String,
+        #[arg(long)]
+        prompt: String,
+        /// `all` (the mean over blocks) or a block number from 0.
+        #[arg(long, default_value = "all")]
+        block: ditrun::viz::BlockChoice,
+        /// Times to record at, comma-separated, 1 = noise, 0 = image; each is taken at the
+        /// nearest integration step.
+        #[arg(long, value_delimiter = ',', default_value = "1,0.5,0.1")]
+        times: Vec<f64>,
+        #[arg(long, default_value_t = 7.5)]
+        cfg: f64,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, value_enum, default_value_t = Sampler::Euler)]
+        sampler: Sampler,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, required_unless_present = "json")]
         out: Option<PathBuf>,
         #[arg(long)]
         json: bool,
@@ -286,6 +316,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let cells: Vec<String> = row.iter().map(|v| format!("{v:6.3}")).collect();
                     println!("{:>2} {}  {}", i + 1, cells.join(" "), prompt);
                 }
+            }
+        }
+        Command::Inspect {
+            view: Some(InspectView::CrossAttention { checkpoint, prompt, block, times, cfg, steps, sampler, seed, out, json }),
+            ..
+        } => {
+            set_cpu_threads(all_cores());
+            let options = ditrun::sample::SampleOptions { cfg, steps, sampler, per_prompt: 1, seed };
+            let task = ditrun::viz::CrossAttentionTask { prompt: &prompt, options: &options, block, times: &times };
+            let (_, report) = ditrun::sample::with_checkpoint(&checkpoint, task)?;
+            if let Some(path) = &out {
+                let png = ditrun::viz::render_cross_attention(&report).to_png()?;
+                std::fs::write(path, png).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                println!("{}", path.display());
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
             }
         }
         Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce } => {

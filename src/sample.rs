@@ -7,8 +7,9 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::config::JobSpec;
 use crate::error::{Error, Result};
-use crate::flow::{sample, Guidance, Sampler};
+use crate::flow::{sample_recording, CrossAttentionAtStep, Guidance, Sampler};
 use crate::model::TextConditionalDiT;
 use crate::text::TextEmbeddingCache;
 
@@ -37,13 +38,25 @@ pub fn generate<B: Backend, E: Backend>(
     prompts: &[String],
     options: &SampleOptions,
 ) -> Vec<GeneratedImage> {
+    generate_recording(model, cache, prompts, options, &[]).0
+}
+
+/// [`generate`], also returning the cross-attention weights of the steps in `record_steps`
+/// (see [`crate::flow::sample_recording`]), batch rows in the order of the returned images.
+pub fn generate_recording<B: Backend, E: Backend>(
+    model: &TextConditionalDiT<B>,
+    cache: &mut TextEmbeddingCache<E>,
+    prompts: &[String],
+    options: &SampleOptions,
+    record_steps: &[usize],
+) -> (Vec<GeneratedImage>, Vec<CrossAttentionAtStep<B>>) {
     let device = model.final_norm.weight.device();
     let captions: Vec<&str> = prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.as_str(), options.per_prompt))
         .collect();
     if captions.is_empty() {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let (context, mask) = cache.batch::<B>(&captions, &device);
     let (null_context, null_mask) = cache.batch::<B>(&[""], &device);
@@ -54,10 +67,11 @@ pub fn generate<B: Backend, E: Backend>(
         .map(|_| rand::Rng::sample::<f32, _>(&mut rng, rand_distr::StandardNormal))
         .collect();
     let x_init = Tensor::from_data(TensorData::new(noise, [captions.len(), c, s, s]), &device);
-    let images = sample(model, x_init, &guidance, options.steps, options.sampler);
+    let (images, recorded) =
+        sample_recording(model, x_init, &guidance, options.steps, options.sampler, record_steps);
     let values: Vec<f32> = images.into_data().convert::<f32>().into_vec().expect("f32 images");
     let per_image = c * s * s;
-    captions
+    let images = captions
         .iter()
         .enumerate()
         .map(|(i, prompt)| GeneratedImage {
@@ -65,7 +79,8 @@ pub fn generate<B: Backend, E: Backend>(
             index: i % options.per_prompt,
             pixels: to_pixels(&values[i * per_image..(i + 1) * per_image], c, s),
         })
-        .collect()
+        .collect();
+    (images, recorded)
 }
 
 /// One image per (prompt, scale) with the same seed, so every column starts from the same
@@ -103,23 +118,59 @@ pub struct SampleRequest {
     pub options: SampleOptions,
 }
 
-/// Generates the request's images with the checkpoint's EMA weights and its job's text encoder
-/// (with no pretrained weights configured, the same seeded initialisation as in training) and
-/// writes either one grid PNG (`out`) or one PNG per image (`out_dir`). Returns the files.
+/// Work done with a checkpoint's EMA weights and its job's text encoder on the backend the
+/// job names: a trait, because a closure cannot be generic over the backend.
+pub trait CheckpointTask {
+    type Output;
+    fn run<B: Backend>(
+        self,
+        job: &JobSpec,
+        model: &TextConditionalDiT<B>,
+        cache: &mut TextEmbeddingCache<B>,
+    ) -> Result<Self::Output>;
+}
+
+/// Loads the checkpoint at `url` (its job, EMA weights and text encoder: with no pretrained
+/// weights configured, the same seeded initialisation as in training) and runs `task` on it.
+pub fn with_checkpoint<T: CheckpointTask>(url: &str, task: T) -> Result<(JobSpec, T::Output)> {
+    let checkpoint = crate::checkpoint::load_url(url)?;
+    let job = crate::train::job_of_checkpoint(&checkpoint)?;
+    let backend = job.train.backend.resolve()?;
+    let output = crate::with_backend!(backend, B => {
+        let device = burn::tensor::Device::<B>::default();
+        let model = crate::train::model_from_checkpoint::<B>(&checkpoint, &job.dit_config(), &device)?;
+        let mut cache = TextEmbeddingCache::<B>::for_job(&job, &device)?;
+        task.run::<B>(&job, &model, &mut cache)
+    })?;
+    Ok((job, output))
+}
+
+struct Generate<'a>(&'a SampleRequest);
+
+impl CheckpointTask for Generate<'_> {
+    type Output = Vec<GeneratedImage>;
+    fn run<B: Backend>(self, _: &JobSpec, model: &TextConditionalDiT<B>, cache: &mut TextEmbeddingCache<B>) -> Result<Self::Output> {
+        Ok(generate(model, cache, &self.0.prompts, &self.0.options))
+    }
+}
+
+struct Sweep<'a>(&'a SampleRequest, &'a [f64]);
+
+impl CheckpointTask for Sweep<'_> {
+    type Output = Vec<Vec<GeneratedImage>>;
+    fn run<B: Backend>(self, _: &JobSpec, model: &TextConditionalDiT<B>, cache: &mut TextEmbeddingCache<B>) -> Result<Self::Output> {
+        Ok(cfg_sweep(model, cache, &self.0.prompts, self.1, &self.0.options))
+    }
+}
+
+/// Generates the request's images with the checkpoint's EMA weights and writes either one grid
+/// PNG (`out`) or one PNG per image (`out_dir`). Returns the files.
 pub fn sample_checkpoint(
     request: &SampleRequest,
     out: Option<&Path>,
     out_dir: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
-    let checkpoint = crate::checkpoint::load_url(&request.checkpoint)?;
-    let job = crate::train::job_of_checkpoint(&checkpoint)?;
-    let backend = job.train.backend.resolve()?;
-    let images = crate::with_backend!(backend, B => {
-        let device = burn::tensor::Device::<B>::default();
-        let model = crate::train::model_from_checkpoint::<B>(&checkpoint, &job.dit_config(), &device)?;
-        let mut cache = TextEmbeddingCache::<B>::for_job(&job, &device)?;
-        Ok::<_, crate::Error>(generate(&model, &mut cache, &request.prompts, &request.options))
-    })?;
+    let (job, images) = with_checkpoint(&request.checkpoint, Generate(request))?;
     let (size, channels) = (job.model.image_size, job.model.channels);
     let mut written = Vec::new();
     if let Some(path) = out {
@@ -143,15 +194,7 @@ pub fn sample_checkpoint(
 /// The CFG sweep of a checkpoint's EMA weights as a labelled grid PNG at `out`: rows are the
 /// prompts, columns the guidance scales.
 pub fn sweep_checkpoint(request: &SampleRequest, scales: &[f64], out: &Path) -> Result<PathBuf> {
-    let checkpoint = crate::checkpoint::load_url(&request.checkpoint)?;
-    let job = crate::train::job_of_checkpoint(&checkpoint)?;
-    let backend = job.train.backend.resolve()?;
-    let columns = crate::with_backend!(backend, B => {
-        let device = burn::tensor::Device::<B>::default();
-        let model = crate::train::model_from_checkpoint::<B>(&checkpoint, &job.dit_config(), &device)?;
-        let mut cache = TextEmbeddingCache::<B>::for_job(&job, &device)?;
-        Ok::<_, crate::Error>(cfg_sweep(&model, &mut cache, &request.prompts, scales, &request.options))
-    })?;
+    let (job, columns) = with_checkpoint(&request.checkpoint, Sweep(request, scales))?;
     let canvas = crate::viz::render_sweep(&request.prompts, scales, &columns, job.model.image_size, job.model.channels);
     std::fs::write(out, canvas.to_png()?).map_err(|e| Error::io(out, e))?;
     Ok(out.to_path_buf())

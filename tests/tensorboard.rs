@@ -493,7 +493,7 @@ data:
 train: {{ steps: 4, batch_size: 8, lr: 1.0e-3, seed: 3, threads: 1 }}
 checkpoint: {{ url: "" }}
 logging: {{ dir: {root}/tensorboard, every_steps: 1 }}
-sample: {{ every_steps: 2, prompts: ["a photo of a red circle", "a photo of a blue square"], steps: 2, per_prompt: 2 }}
+sample: {{ every_steps: 2, prompts: ["a photo of a red circle", "a photo of a blue square"], steps: 2, per_prompt: 2, cfg_sweep: [1, 4] }}
 "#
     );
     let job = ditrun::config::JobSpec::from_yaml(&yaml, "tb-run.yaml").unwrap();
@@ -525,4 +525,21 @@ sample: {{ every_steps: 2, prompts: ["a photo of a red circle", "a photo of a bl
     let query = images[1]["query"].as_str().unwrap();
     let png = server.get(&format!("/data/plugin/images/individualImage?{query}")).expect("the PNG");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "TensorBoard serves the grid as a PNG");
+
+    // `sample.cfg_sweep`: the labelled sweep beside each grid, at the sweep's own size.
+    let image_tags = server.wait_for("/data/plugin/images/tags", |tags| tags["tb-run"].get("samples/cfg_sweep").is_some());
+    let description = image_tags["tb-run"]["samples/cfg_sweep"]["description"].as_str().unwrap_or_default();
+    assert!(description.contains("columns: cfg 1, 4"), "{description}");
+    let sweeps = server.json("/data/plugin/images/images?run=tb-run&tag=samples/cfg_sweep").expect("the sweep series");
+    let sweeps = sweeps.as_array().unwrap();
+    let steps: Vec<u64> = sweeps.iter().map(|image| image["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4]);
+    let query = sweeps[1]["query"].as_str().unwrap();
+    let png = server.get(&format!("/data/plugin/images/individualImage?{query}")).expect("the sweep PNG");
+    let reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
+    let prompts = job.sample.prompts.clone();
+    assert_eq!(
+        (reader.info().width as usize, reader.info().height as usize),
+        ditrun::viz::sweep_canvas_size(&prompts, 2, 8)
+    );
 }

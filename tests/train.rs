@@ -81,9 +81,17 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
 #[test]
 fn sampling_and_inspect_read_what_training_wrote() {
     let dir = tempfile::tempdir().unwrap();
-    let outcome = train(&tiny_job(dir.path(), 2), &Resume::Never).unwrap();
+    let mut job = tiny_job(dir.path(), 2);
+    job.sample.cfg_sweep = Some(vec![1.0, 5.0]);
+    let outcome = train(&job, &Resume::Never).unwrap();
     let grid = outcome.sample_grid.expect("at_end sampling writes a grid");
     assert!(grid.ends_with("step-000000002.png"), "{grid}");
+    let sweep = std::fs::read(dir.path().join("samples/cfg-sweep-step-000000002.png")).expect("sample.cfg_sweep writes a sweep");
+    let reader = png::Decoder::new(std::io::Cursor::new(sweep)).read_info().unwrap();
+    assert_eq!(
+        (reader.info().width as usize, reader.info().height as usize),
+        ditrun::viz::sweep_canvas_size(&job.sample.prompts, 2, 8)
+    );
 
     let request = ditrun::sample::SampleRequest {
         checkpoint: format!("{}/checkpoints", dir.path().display()),
@@ -103,6 +111,22 @@ fn sampling_and_inspect_read_what_training_wrote() {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&written[5]).unwrap()));
     let info = decoder.read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (8, 8));
+
+    let picture = dir.path().join("cross-attention.png");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ditrun"))
+        .args(["inspect", "cross-attention", "--checkpoint"])
+        .arg(dir.path().join("checkpoints"))
+        .args(["--prompt", "a photo of a red circle", "--steps", "4", "--times", "1,0.5", "--block", "0", "--json", "--out"])
+        .arg(&picture)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["tokens"], serde_json::json!(["<start>", "a", "photo", "of", "a", "red", "circle", "<end>"]));
+    assert_eq!(report["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(report["rows"][0]["maps"].as_array().unwrap().len(), 8, "a map per token");
+    assert!(std::fs::read(&picture).unwrap().starts_with(b"\x89PNG"));
 
     let checkpoint = ditrun::inspect::inspect(&format!("{}/checkpoints/step-000000002", dir.path().display())).unwrap();
     assert_eq!(checkpoint["kind"], "checkpoint");

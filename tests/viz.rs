@@ -196,3 +196,120 @@ fn the_sweep_grid_has_its_documented_size_and_is_not_blank() {
     let reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
     assert_eq!((reader.info().width as usize, reader.info().height as usize), (canvas.width, canvas.height));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cross-attention maps
+// ---------------------------------------------------------------------------------------------
+
+use ditrun::model::ClipTokenizer;
+use ditrun::sample::generate_recording;
+use ditrun::viz::{cross_attention_canvas_size, cross_attention_maps, render_cross_attention, BlockChoice};
+
+fn two_block_dit() -> TextConditionalDiT<TestBackend> {
+    let config = TextDiTConfig { image_size: 8, patch_size: 2, channels: 3, dim: 16, depth: 2, heads: 2, mlp_ratio: 2.0, context_dim: 32 };
+    ditrun::backend::seeded::<TestBackend, _>(&Default::default(), 21, || config.init::<TestBackend>(&Default::default()).unwrap())
+}
+
+/// Every weight map `[B, N, M]` against the real token counts of its batch rows.
+fn assert_distributions_over_real_tokens(weights: &Tensor<TestBackend, 3>, real_tokens: &[usize]) {
+    let [batch, patches, m] = weights.dims();
+    assert_eq!(batch, real_tokens.len());
+    let values: Vec<f32> = weights.clone().into_data().convert::<f32>().into_vec().unwrap();
+    for (b, &real) in real_tokens.iter().enumerate() {
+        for n in 0..patches {
+            let row = &values[(b * patches + n) * m..(b * patches + n + 1) * m];
+            let sum: f64 = row[..real].iter().map(|&w| w as f64).sum();
+            assert!((sum - 1.0).abs() < 1e-5, "row {b}, patch {n}: real tokens sum to {sum}");
+            assert!(row[real..].iter().all(|&w| w == 0.0), "row {b}, patch {n}: padded weights {:?}", &row[real..]);
+        }
+    }
+}
+
+#[test]
+fn cross_attention_weights_sum_to_one_over_real_tokens_and_are_exactly_zero_on_padding() {
+    let model = two_block_dit();
+    let mut cache = TextEmbeddingCache::new(tiny_encoder());
+    let captions = ["a photo of a cat", "a photo of a very small red circle on a blue square"];
+    let real: Vec<usize> = captions.iter().map(|c| ClipTokenizer::default().tokenize(c).len).collect();
+    assert!(real[0] < real[1], "the shorter caption is padded");
+    let device = Default::default();
+    let (context, mask) = cache.batch::<TestBackend>(&captions, &device);
+    let x = Tensor::<TestBackend, 4>::random([2, 3, 8, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let t = Tensor::<TestBackend, 1>::from_floats([0.3, 0.9], &device);
+    let (velocity, per_block) = model.forward_with_cross_attention(x.clone(), t.clone(), context.clone(), Some(mask.clone()));
+    assert_eq!(per_block.len(), 2, "one map per block");
+    for weights in &per_block {
+        assert_eq!(weights.dims(), [2, 16, real[1]]);
+        assert_distributions_over_real_tokens(weights, &real);
+    }
+    let plain = model.forward(x, t, context, Some(mask));
+    assert_eq!(
+        velocity.into_data().convert::<f32>().into_vec::<f32>().unwrap(),
+        plain.into_data().convert::<f32>().into_vec::<f32>().unwrap(),
+        "recording does not change the velocity"
+    );
+
+    // Through the guided sampler: the conditional half of a batch padded to the null caption.
+    let prompts: Vec<String> = captions.map(String::from).to_vec();
+    let options = SampleOptions { cfg: 3.0, steps: 4, sampler: ditrun::flow::Sampler::Euler, per_prompt: 1, seed: 2 };
+    let (images, recorded) = generate_recording(&model, &mut cache, &prompts, &options, &[0, 3]);
+    assert_eq!(images.len(), 2);
+    assert_eq!(recorded.iter().map(|r| (r.step, r.t)).collect::<Vec<_>>(), [(0, 1.0), (3, 0.25)]);
+    for at_step in &recorded {
+        for weights in &at_step.per_block {
+            assert_distributions_over_real_tokens(weights, &real);
+        }
+    }
+    let unrecorded = ditrun::sample::generate(&model, &mut cache, &prompts, &options);
+    let pixels = |images: &[ditrun::sample::GeneratedImage]| images.iter().map(|i| i.pixels.clone()).collect::<Vec<_>>();
+    assert_eq!(pixels(&images), pixels(&unrecorded), "recording does not change the samples");
+}
+
+#[test]
+fn token_labels_are_the_real_tokens_without_the_end_of_word_marker() {
+    let reference = common::read_json("tokenizer.json");
+    let reference = reference.as_array().unwrap();
+    let tokenizer = ClipTokenizer::default();
+    for row in reference {
+        let text = row["text"].as_str().unwrap();
+        let ids = row["ids"].as_array().unwrap();
+        let labels = tokenizer.token_labels(text);
+        assert_eq!(labels.len(), ids.len(), "{text:?}: one label per reference token");
+        assert_eq!((labels[0].as_str(), labels[labels.len() - 1].as_str()), ("<start>", "<end>"), "{text:?}");
+        assert!(labels.iter().all(|l| !l.contains("</w>") && !l.is_empty()), "{text:?}: {labels:?}");
+    }
+    // Whole words read as themselves: the pieces join back into the caption.
+    let caption = "a photo of an airplane";
+    let labels = tokenizer.token_labels(caption);
+    assert_eq!(labels[1..labels.len() - 1].join(" "), caption);
+}
+
+#[test]
+fn the_cross_attention_picture_has_one_map_per_token_and_time_at_its_documented_size() {
+    let model = two_block_dit();
+    let mut cache = TextEmbeddingCache::new(tiny_encoder());
+    let options = SampleOptions { cfg: 3.0, steps: 10, sampler: ditrun::flow::Sampler::Euler, per_prompt: 1, seed: 4 };
+    let prompt = "a photo of a red circle";
+    let report = cross_attention_maps(&model, &mut cache, prompt, &options, BlockChoice::All, &[1.0, 0.5, 0.1]).unwrap();
+    assert_eq!(report.tokens.len(), ClipTokenizer::default().tokenize(prompt).len);
+    assert_eq!(report.rows.iter().map(|r| r.step).collect::<Vec<_>>(), [0, 5, 9]);
+    for row in &report.rows {
+        assert_eq!(row.maps.len(), report.tokens.len());
+        assert!(row.maps.iter().all(|m| m.len() == 16), "a 4×4 patch grid");
+        let total: f64 = row.shares().iter().sum();
+        assert!((total - 1.0).abs() < 1e-5, "the shares sum to {total}");
+    }
+    let canvas = render_cross_attention(&report);
+    assert!(!canvas.is_blank());
+    assert_eq!((canvas.width, canvas.height), cross_attention_canvas_size(&report));
+    // An image column and one 128-pixel map per token; three rows of maps.
+    assert!(canvas.width > (report.tokens.len() + 1) * 128 && canvas.height > 3 * 128);
+    let png = canvas.to_png().unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
+    assert_eq!((reader.info().width as usize, reader.info().height as usize), (canvas.width, canvas.height));
+
+    let one_block = cross_attention_maps(&model, &mut cache, prompt, &options, BlockChoice::Block(1), &[0.5]).unwrap();
+    assert_ne!(one_block.rows[0].maps, report.rows[1].maps, "block 1 alone is not the mean of both");
+    let error = cross_attention_maps(&model, &mut cache, prompt, &options, BlockChoice::Block(2), &[0.5]).unwrap_err();
+    assert!(error.to_string().contains("2 blocks"), "{error}");
+}

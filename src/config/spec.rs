@@ -196,6 +196,10 @@ pub struct SampleSpec {
     pub seed: u64,
     /// Folder (path or URL) for the grids as PNG; unset = TensorBoard only.
     pub dir: Option<String>,
+    /// Guidance scales for a CFG sweep logged beside each grid (`samples/cfg_sweep`: one
+    /// image per prompt and scale, the same seed in every column); unset = no sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cfg_sweep: Option<Vec<f64>>,
 }
 
 impl Default for JobSpec {
@@ -327,6 +331,7 @@ impl Default for SampleSpec {
             per_prompt: 4,
             seed: 0,
             dir: None,
+            cfg_sweep: None,
         }
     }
 }
@@ -681,7 +686,14 @@ impl JobSpec {
                 "must list at least one prompt when sampling is on (sample.every_steps > 0 or sample.at_end)".into(),
             ),
         ];
-        first_failed(checks).or_else(|| {
+        let sweep_problem = s.cfg_sweep.as_ref().and_then(|scales| {
+            if scales.is_empty() {
+                return Some(("sample.cfg_sweep", "must list at least one scale, or be unset".to_string()));
+            }
+            let bad = scales.iter().find(|v| !(v.is_finite() && **v >= 0.0))?;
+            Some(("sample.cfg_sweep", format!("every scale must be ≥ 0, got {bad}")))
+        });
+        first_failed(checks).or(sweep_problem).or_else(|| {
             let dir = s.dir.as_deref()?;
             let reason = if dir.trim().is_empty() {
                 "must be a path or URL (or unset)".to_string()

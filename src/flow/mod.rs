@@ -5,4 +5,4 @@ mod loss;
 mod sampler;
 
 pub use loss::{drop_captions, flow_matching_loss, FlowBatch};
-pub use sampler::{sample, Guidance, Sampler};
+pub use sampler::{sample, sample_recording, CrossAttentionAtStep, Guidance, Sampler};

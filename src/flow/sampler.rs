@@ -64,36 +64,75 @@ pub fn sample<B: Backend>(
     steps: usize,
     sampler: Sampler,
 ) -> Tensor<B, 4> {
+    sample_recording(model, x_init, guidance, steps, sampler, &[]).0
+}
+
+/// The cross-attention weights of the conditional branch at one integration step.
+pub struct CrossAttentionAtStep<B: Backend> {
+    pub step: usize,
+    /// The time the model was called at: `1 - step / steps`.
+    pub t: f64,
+    /// Per block, `[B, N, M]` averaged over heads, M = the conditional context's tokens.
+    pub per_block: Vec<Tensor<B, 3>>,
+}
+
+/// [`sample`], also returning the cross-attention weights of the first model call of each
+/// step listed in `record_steps` (0-based; step i runs at t = 1 - i/steps).
+pub fn sample_recording<B: Backend>(
+    model: &TextConditionalDiT<B>,
+    x_init: Tensor<B, 4>,
+    guidance: &Guidance<B>,
+    steps: usize,
+    sampler: Sampler,
+    record_steps: &[usize],
+) -> (Tensor<B, 4>, Vec<CrossAttentionAtStep<B>>) {
     let batch = x_init.dims()[0];
+    let tokens = guidance.context.dims()[1];
     let (context, mask) = guidance.doubled();
-    let velocity = |x: Tensor<B, 4>, t: f64| {
+    let velocity = |x: Tensor<B, 4>, t: f64, record: bool| {
         let device = x.device();
         if guidance.scale == 1.0 {
             // null + 1·(conditional − null) is the conditional velocity: skip the null half
             // (half the work, and exactly the plain conditional sampler).
             let times = Tensor::<B, 1>::full([batch], t, &device);
-            return model.forward(x, times, guidance.context.clone(), Some(guidance.mask.clone()));
+            let (context, mask) = (guidance.context.clone(), Some(guidance.mask.clone()));
+            return if record {
+                model.forward_with_cross_attention(x, times, context, mask)
+            } else {
+                (model.forward(x, times, context, mask), Vec::new())
+            };
         }
         let both = Tensor::cat(vec![x.clone(), x], 0);
         let times = Tensor::<B, 1>::full([2 * batch], t, &device);
-        let v = model.forward(both, times, context.clone(), Some(mask.clone()));
+        let (v, weights) = if record {
+            model.forward_with_cross_attention(both, times, context.clone(), Some(mask.clone()))
+        } else {
+            (model.forward(both, times, context.clone(), Some(mask.clone())), Vec::new())
+        };
+        // The conditional half, at its own tokens (the rest is padding to the null length).
+        let weights = weights.into_iter().map(|w| w.narrow(0, 0, batch).narrow(2, 0, tokens)).collect();
         let conditional = v.clone().narrow(0, 0, batch);
         let null = v.narrow(0, batch, batch);
-        null.clone() + (conditional - null).mul_scalar(guidance.scale)
+        (null.clone() + (conditional - null).mul_scalar(guidance.scale), weights)
     };
     let dt = 1.0 / steps as f64;
     let mut x = x_init;
+    let mut recorded = Vec::new();
     for i in 0..steps {
         let t = 1.0 - i as f64 * dt;
-        let v = velocity(x.clone(), t);
+        let record = record_steps.contains(&i);
+        let (v, per_block) = velocity(x.clone(), t, record);
+        if record {
+            recorded.push(CrossAttentionAtStep { step: i, t, per_block });
+        }
         x = match sampler {
             Sampler::Euler => x - v.mul_scalar(dt),
             Sampler::Heun => {
                 let predicted = x.clone() - v.clone().mul_scalar(dt);
-                let v_next = velocity(predicted, t - dt);
+                let (v_next, _) = velocity(predicted, t - dt, false);
                 x - (v + v_next).mul_scalar(dt / 2.0)
             }
         };
     }
-    x
+    (x, recorded)
 }

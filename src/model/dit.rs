@@ -10,7 +10,7 @@ use burn::tensor::activation;
 use burn::tensor::Distribution;
 
 use super::layers::{
-    attention, key_padding_bias, merge_heads, normalize_last, sincos_features, split_heads,
+    attention, attention_weights, key_padding_bias, merge_heads, normalize_last, sincos_features, split_heads,
     xavier_linear, zero_linear, LayerNorm,
 };
 use crate::error::{Error, Result};
@@ -130,6 +130,30 @@ impl<B: Backend> TextConditionalDiT<B> {
         context: Tensor<B, 3>,
         mask: Option<Tensor<B, 2, Bool>>,
     ) -> Tensor<B, 4> {
+        self.run(x, t, context, mask, false).0
+    }
+
+    /// [`Self::forward`] and, per block, its cross-attention weights averaged over heads,
+    /// `[B, N, M]`: for each patch (row-major) a distribution over the M text tokens, exactly
+    /// 0 on masked ones.
+    pub fn forward_with_cross_attention(
+        &self,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        context: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2, Bool>>,
+    ) -> (Tensor<B, 4>, Vec<Tensor<B, 3>>) {
+        self.run(x, t, context, mask, true)
+    }
+
+    fn run(
+        &self,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        context: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2, Bool>>,
+        record_cross_attention: bool,
+    ) -> (Tensor<B, 4>, Vec<Tensor<B, 3>>) {
         let batch = x.dims()[0];
         let h = self.patch_embed.forward(x) + self.positions.clone().unsqueeze::<3>();
         let cond = self
@@ -138,11 +162,15 @@ impl<B: Backend> TextConditionalDiT<B> {
         let context = self.text_proj.forward(context);
         let bias = mask.map(key_padding_bias);
         let mut h = h;
+        let mut cross_attention = Vec::new();
         for block in &self.blocks {
-            h = block.forward(h, cond.clone(), context.clone(), bias.clone());
+            let (next, weights) =
+                block.forward(h, cond.clone(), context.clone(), bias.clone(), record_cross_attention);
+            h = next;
+            cross_attention.extend(weights);
         }
         let h = self.final_proj.forward(self.final_norm.forward(h));
-        self.unpatchify(h, batch)
+        (self.unpatchify(h, batch), cross_attention)
     }
 
     /// `[sin(t f), cos(t f)]` with `dim/2` frequencies, in f32 on the device as the seed does.
@@ -301,16 +329,23 @@ impl<B: Backend> CrossAttention<B> {
         }
     }
 
+    /// The output and, when `record`, the weights averaged over heads `[B, N, M]`.
     fn forward(
         &self,
         x: Tensor<B, 3>,
         context: Tensor<B, 3>,
         score_bias: Option<Tensor<B, 4>>,
-    ) -> Tensor<B, 3> {
+        record: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let q = split_heads(self.q.forward(x), self.heads);
         let k = split_heads(self.k.forward(context.clone()), self.heads);
         let v = split_heads(self.v.forward(context), self.heads);
-        self.out.forward(merge_heads(attention(q, k, v, score_bias)))
+        if !record {
+            return (self.out.forward(merge_heads(attention(q, k, v, score_bias))), None);
+        }
+        let weights = attention_weights(q, k, score_bias);
+        let mean_over_heads = weights.clone().mean_dim(1).squeeze_dim::<3>(1);
+        (self.out.forward(merge_heads(weights.matmul(v))), Some(mean_over_heads))
     }
 }
 
@@ -332,10 +367,13 @@ impl<B: Backend> DiTBlock<B> {
         cond: Tensor<B, 2>,
         context: Tensor<B, 3>,
         score_bias: Option<Tensor<B, 4>>,
-    ) -> Tensor<B, 3> {
+        record_cross_attention: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x, cond.clone()));
-        let x = x.clone() + self.cross.forward(self.norm2.forward(x, cond.clone()), context, score_bias);
+        let (crossed, weights) =
+            self.cross.forward(self.norm2.forward(x.clone(), cond.clone()), context, score_bias, record_cross_attention);
+        let x = x + crossed;
         let hidden = activation::gelu(self.fc1.forward(self.norm3.forward(x.clone(), cond)));
-        x + self.fc2.forward(hidden)
+        (x + self.fc2.forward(hidden), weights)
     }
 }

@@ -86,13 +86,22 @@ pub fn attention<B: Backend>(
     v: Tensor<B, 4>,
     score_bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
+    attention_weights(q, k, score_bias).matmul(v)
+}
+
+/// The softmax weights of [`attention`], `[B, H, N, M]`: each query's distribution over keys.
+pub fn attention_weights<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    score_bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
     let head_dim = q.dims()[3];
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((head_dim as f64).powf(-0.5));
     let scores = match score_bias {
         Some(bias) => scores + bias,
         None => scores,
     };
-    activation::softmax(scores, 3).matmul(v)
+    activation::softmax(scores, 3)
 }
 
 /// `[B, M]` boolean key mask (true = real token) → additive score bias `[B, 1, 1, M]`.

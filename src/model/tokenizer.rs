@@ -63,6 +63,22 @@ impl ClipTokenizer {
             .collect()
     }
 
+    /// How each real token of `text` reads, for labels: `<start>`, the word pieces without
+    /// CLIP's `</w>` end-of-word marker, `<end>`; as many as [`Self::encode`] returns.
+    pub fn token_labels(&self, text: &str) -> Vec<String> {
+        self.encode(text)
+            .into_iter()
+            .map(|id| match id {
+                START_OF_TEXT => "<start>".to_string(),
+                END_OF_TEXT => "<end>".to_string(),
+                id => {
+                    let token = u16::try_from(id).ok().and_then(|id| Token::from_u16(id, &self.bpe));
+                    token.map_or_else(|| format!("#{id}"), |t| self.bpe.decode([t]).trim().to_string())
+                }
+            })
+            .collect()
+    }
+
     pub fn tokenize(&self, text: &str) -> TokenizedCaption {
         let mut ids = self.encode(text);
         let len = ids.len();

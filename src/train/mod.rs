@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::flow::{flow_matching_loss, FlowBatch};
 use crate::metrics::{image_grid, EventWriter, HParamValue, Progress, StepStats};
 use crate::model::TextConditionalDiT;
-use crate::sample::{generate, SampleOptions};
+use crate::sample::{cfg_sweep, generate, SampleOptions};
 use crate::text::TextEmbeddingCache;
 
 /// Where a run starts from.
@@ -555,14 +555,39 @@ fn write_samples<E: Backend, TB: Backend>(
         options.steps,
         options.sampler
     );
+    let sweep = match &job.sample.cfg_sweep {
+        Some(scales) => {
+            let columns = cfg_sweep(ema, cache, &job.sample.prompts, scales, &options);
+            Some(crate::viz::render_sweep(&job.sample.prompts, scales, &columns, size, channels))
+        }
+        None => None,
+    };
     if let Some(writer) = events {
         writer.image_with_description("samples", step, height, width, channels, &grid, &description)?;
+        if let (Some(canvas), Some(scales)) = (&sweep, &job.sample.cfg_sweep) {
+            let scales: Vec<String> = scales.iter().map(|s| s.to_string()).collect();
+            let description = format!(
+                "rows: {}; columns: cfg {}; {} {:?} steps, seed {}, EMA weights",
+                job.sample.prompts.join(" | "),
+                scales.join(", "),
+                options.steps,
+                options.sampler,
+                options.seed
+            );
+            writer.image_with_description("samples/cfg_sweep", step, canvas.height, canvas.width, 3, &canvas.pixels, &description)?;
+        }
         writer.flush()?;
     }
     let Some(dir) = &job.sample.dir else { return Ok(None) };
-    let url = format!("{}/step-{step:09}.png", location_url(dir)?.trim_end_matches('/'));
+    let dir = location_url(dir)?;
+    let url = format!("{}/step-{step:09}.png", dir.trim_end_matches('/'));
     let png = crate::metrics::encode_png(&grid, height, width, channels)?;
     crate::storage::put_bytes(&url, png)?;
     tracing::info!(%url, prompts = %job.sample.prompts.join(" | "), "sample grid written");
+    if let Some(canvas) = &sweep {
+        let sweep_url = format!("{}/cfg-sweep-step-{step:09}.png", dir.trim_end_matches('/'));
+        crate::storage::put_bytes(&sweep_url, canvas.to_png()?)?;
+        tracing::info!(url = %sweep_url, "CFG sweep written");
+    }
     Ok(Some(url))
 }

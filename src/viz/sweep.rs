@@ -62,7 +62,7 @@ fn sweep_layout(prompts: &[String], scales: usize, image_size: usize) -> (usize,
 
 /// Copies an `size × size × channels` image (grayscale or RGB) at (x, y), each pixel as a
 /// `factor × factor` block.
-fn blit(canvas: &mut Canvas, x: usize, y: usize, pixels: &[u8], size: usize, channels: usize, factor: usize) {
+pub(crate) fn blit(canvas: &mut Canvas, x: usize, y: usize, pixels: &[u8], size: usize, channels: usize, factor: usize) {
     for row in 0..size {
         for column in 0..size {
             let at = (row * size + column) * channels;
