@@ -7,7 +7,7 @@ mkdir -p "$CARGO_TARGET_DIR"
 # Debian packages the build and tests use: a C toolchain for aws-lc-sys (TLS for
 # object stores and downloads), pkg-config for -sys crates, OpenMPI (the CPU ranks'
 # collectives, mpirun for the 2-rank tests) and libclang (the mpi crate's bindgen).
-SYSTEM_PACKAGES=(build-essential pkg-config libopenmpi-dev openmpi-bin libclang-dev)
+SYSTEM_PACKAGES=(build-essential pkg-config libopenmpi-dev openmpi-bin libclang-dev libopenblas0)
 
 # mpirun refuses to run as root (CI, containers) unless told twice.
 if [ "$(id -u)" = 0 ]; then

@@ -87,6 +87,7 @@ macro_rules! with_backend {
 pub fn set_cpu_threads(threads: usize) {
     // SAFETY: called at start-up before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    crate::kernels::blas::prepare(threads);
     flush_subnormals_to_zero();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

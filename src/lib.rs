@@ -16,6 +16,7 @@ pub mod dist;
 pub mod error;
 pub mod flow;
 pub mod inspect;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod sample;

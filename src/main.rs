@@ -146,6 +146,13 @@ enum Command {
         /// (`mpirun -np N ditrun bench --allreduce`), against a memcpy of the same buffer.
         #[arg(long)]
         allreduce: bool,
+        /// Also time each kind of operation alone at the model's shapes (forward and
+        /// backward, times its calls per step) and print a table against the whole step.
+        #[arg(long)]
+        profile: bool,
+        /// Run burn's own ops instead of ditrun's fused CPU kernels (to compare).
+        #[arg(long)]
+        unfused: bool,
     },
 }
 
@@ -335,7 +342,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
-        Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce } => {
+        Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce, profile, unfused } => {
+            ditrun::kernels::set_fused(!unfused);
             // Under mpirun every rank benchmarks and gradients are averaged as in training;
             // rank 0 prints the report.
             let world = World::from_env()?;
@@ -354,20 +362,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = if allreduce {
                 serde_json::to_string(&bench::allreduce(backend, collective.as_ref(), bench::SEED_MODEL_PARAMS, steps.max(1))?)?
             } else {
-                let report = bench::run(
-                    &BenchOptions {
-                        backend,
-                        batch,
-                        steps: steps.max(1),
-                        warmup,
-                        threads,
-                        clip_per_batch: clip,
-                        model: TextDiTConfig::new(),
-                        text: ClipTextConfig::new(),
-                    },
-                    collective.as_ref(),
-                )?;
-                serde_json::to_string(&report)?
+                let options = BenchOptions {
+                    backend,
+                    batch,
+                    steps: steps.max(1),
+                    warmup,
+                    threads,
+                    clip_per_batch: clip,
+                    model: TextDiTConfig::new(),
+                    text: ClipTextConfig::new(),
+                };
+                let report = bench::run(&options, collective.as_ref())?;
+                let line = serde_json::to_string(&report)?;
+                if profile && world.is_primary() {
+                    let table = bench::profile_step(&options, report.context_tokens, report.step_s)?.table();
+                    format!("{line}\n\n{table}")
+                } else {
+                    line
+                }
             };
             if world.is_primary() {
                 println!("{report}");

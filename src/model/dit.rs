@@ -6,14 +6,14 @@ use burn::config::Config;
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation;
 use burn::tensor::Distribution;
 
 use super::layers::{
-    attention, attention_weights, key_padding_bias, merge_heads, normalize_last, sincos_features, split_heads,
+    attention, attention_weights, key_padding_bias, merge_heads, sincos_features, split_heads,
     xavier_linear, zero_linear, LayerNorm,
 };
 use crate::error::{Error, Result};
+use crate::kernels::linear_layer;
 
 const NORM_EPS: f64 = 1e-5;
 
@@ -156,10 +156,8 @@ impl<B: Backend> TextConditionalDiT<B> {
     ) -> (Tensor<B, 4>, Vec<Tensor<B, 3>>) {
         let batch = x.dims()[0];
         let h = self.patch_embed.forward(x) + self.positions.clone().unsqueeze::<3>();
-        let cond = self
-            .time2
-            .forward(activation::silu(self.time1.forward(self.time_features(t))));
-        let context = self.text_proj.forward(context);
+        let cond = linear_layer(&self.time2, crate::kernels::silu(linear_layer(&self.time1, self.time_features(t))));
+        let context = linear_layer(&self.text_proj, context);
         let bias = mask.map(key_padding_bias);
         let mut h = h;
         let mut cross_attention = Vec::new();
@@ -169,7 +167,7 @@ impl<B: Backend> TextConditionalDiT<B> {
             h = next;
             cross_attention.extend(weights);
         }
-        let h = self.final_proj.forward(self.final_norm.forward(h));
+        let h = linear_layer(&self.final_proj, self.final_norm.forward(h));
         (self.unpatchify(h, batch), cross_attention)
     }
 
@@ -251,7 +249,7 @@ impl<B: Backend> PatchEmbed<B> {
             .permute([0, 2, 4, 1, 3, 5])
             .reshape([b, gh * gw, c * p * p]);
         let weight = self.weight.val().reshape([dim, c * p * p]).transpose();
-        burn::tensor::module::linear(patches, weight, Some(self.bias.val()))
+        crate::kernels::linear(patches, weight, Some(self.bias.val()))
     }
 }
 
@@ -269,12 +267,12 @@ impl<B: Backend> AdaLN<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>, cond: Tensor<B, 2>) -> Tensor<B, 3> {
-        let modulation = self.proj.forward(cond).unsqueeze_dim::<3>(1);
+        let modulation = linear_layer(&self.proj, cond).unsqueeze_dim::<3>(1);
         let [scale, shift]: [Tensor<B, 3>; 2] = modulation
             .chunk(2, 2)
             .try_into()
             .expect("adaLN projection has an even width");
-        normalize_last(x, NORM_EPS) * (scale + 1.0) + shift
+        crate::kernels::adaln_modulate(x, scale, shift, NORM_EPS)
     }
 }
 
@@ -298,14 +296,12 @@ impl<B: Backend> SelfAttention<B> {
         let [b, n, dim] = x.dims();
         let head_dim = dim / self.heads;
         // [B, N, 3, H, d] → [3, B, H, N, d], as the seed splits q, k, v.
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = linear_layer(&self.qkv, x)
             .reshape([b, n, 3, self.heads, head_dim])
             .permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, head_dim]);
         let y = attention(part(0), part(1), part(2), None);
-        self.out.forward(merge_heads(y))
+        linear_layer(&self.out, merge_heads(y))
     }
 }
 
@@ -337,15 +333,15 @@ impl<B: Backend> CrossAttention<B> {
         score_bias: Option<Tensor<B, 4>>,
         record: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
-        let q = split_heads(self.q.forward(x), self.heads);
-        let k = split_heads(self.k.forward(context.clone()), self.heads);
-        let v = split_heads(self.v.forward(context), self.heads);
+        let q = split_heads(linear_layer(&self.q, x), self.heads);
+        let k = split_heads(linear_layer(&self.k, context.clone()), self.heads);
+        let v = split_heads(linear_layer(&self.v, context), self.heads);
         if !record {
-            return (self.out.forward(merge_heads(attention(q, k, v, score_bias))), None);
+            return (linear_layer(&self.out, merge_heads(attention(q, k, v, score_bias))), None);
         }
         let weights = attention_weights(q, k, score_bias);
         let mean_over_heads = weights.clone().mean_dim(1).squeeze_dim::<3>(1);
-        (self.out.forward(merge_heads(weights.matmul(v))), Some(mean_over_heads))
+        (linear_layer(&self.out, merge_heads(weights.matmul(v))), Some(mean_over_heads))
     }
 }
 
@@ -373,7 +369,7 @@ impl<B: Backend> DiTBlock<B> {
         let (crossed, weights) =
             self.cross.forward(self.norm2.forward(x.clone(), cond.clone()), context, score_bias, record_cross_attention);
         let x = x + crossed;
-        let hidden = activation::gelu(self.fc1.forward(self.norm3.forward(x.clone(), cond)));
-        (x + self.fc2.forward(hidden), weights)
+        let hidden = crate::kernels::gelu(linear_layer(&self.fc1, self.norm3.forward(x.clone(), cond)));
+        (x + linear_layer(&self.fc2, hidden), weights)
     }
 }

@@ -80,7 +80,19 @@ pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
 /// Scaled dot-product attention. `score_bias` is added to the scores before the softmax and
 /// broadcasts over heads and queries (`[B, 1, 1, M]` for a key padding mask, `[1, 1, N, N]`
 /// for a causal mask).
+/// On burn's CPU backends this is one fused kernel (`crate::kernels`).
 pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    score_bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    crate::kernels::attention(q, k, v, score_bias)
+}
+
+/// [`attention`] composed of burn ops: what the other backends run, and the reference the
+/// fused kernel is tested against.
+pub fn attention_unfused<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,

@@ -18,6 +18,20 @@ use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
 use crate::model::{ClipTextConfig, TextDiTConfig};
 use crate::text::{TextEmbeddingCache, TextEncoder};
 
+mod profile;
+pub use profile::{OpProfile, StepProfile};
+
+/// [`profile::profile`] on `options.backend`, against a measured step of `step_s` seconds
+/// with `context_tokens` text tokens.
+pub fn profile_step(options: &BenchOptions, context_tokens: usize, step_s: f64) -> Result<StepProfile> {
+    crate::with_backend!(options.backend, B => Ok(profile::profile::<burn::backend::Autodiff<B>>(
+        &options.model,
+        options.batch,
+        context_tokens,
+        step_s * 1e3,
+    )))
+}
+
 /// The seed's captions: CIFAR-10's classes as "a photo of a/an <class>".
 const CAPTIONS: [&str; 10] = [
     "a photo of an airplane",
@@ -53,6 +67,8 @@ pub struct BenchReport {
     pub implementation: &'static str,
     pub backend: BackendKind,
     pub clip_per_batch: bool,
+    /// ditrun's fused CPU kernels (false under `--unfused`: burn's own ops).
+    pub fused_kernels: bool,
     pub threads: usize,
     pub batch: usize,
     pub steps: usize,
@@ -124,6 +140,7 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collecti
         implementation: "ditrun",
         backend: options.backend,
         clip_per_batch: options.clip_per_batch,
+        fused_kernels: crate::kernels::fused(),
         threads: options.threads,
         batch: options.batch,
         steps: options.steps,

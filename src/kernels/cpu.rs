@@ -1,0 +1,55 @@
+//! Direct access to the f32 buffers of burn's CPU backends, for the fused kernels.
+
+use burn::backend::ndarray::{NdArray, NdArrayTensor};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Shape, TensorData};
+
+/// A CPU backend whose f32 tensors the kernels read and build directly.
+pub trait CpuF32: Backend {
+    /// Runs `f` on `t`'s values in row-major order: no copy when `t` is contiguous, one copy
+    /// when it is a strided view (permuted, narrowed). `None` when `t` is not f32.
+    fn with_f32<R>(t: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> Option<R>;
+    /// A tensor owning `values` (row-major), without a copy.
+    fn from_f32(values: Vec<f32>, shape: Shape) -> FloatTensor<Self>;
+}
+
+impl CpuF32 for NdArray {
+    fn with_f32<R>(t: &NdArrayTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        let NdArrayTensor::F32(storage) = t else { return None };
+        let view = storage.view();
+        if let Some(values) = view.as_slice() {
+            return Some(f(values));
+        }
+        let standard = view.as_standard_layout();
+        Some(f(standard.as_slice().expect("standard layout is contiguous")))
+    }
+
+    fn from_f32(values: Vec<f32>, shape: Shape) -> NdArrayTensor {
+        NdArrayTensor::from_data(TensorData::new(values, shape))
+    }
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::flex::{Flex, FlexTensor, Layout};
+    use burn::tensor::{Bytes, DType, Shape};
+
+    impl super::CpuF32 for Flex {
+        fn with_f32<R>(t: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+            if t.dtype() != DType::F32 {
+                return None;
+            }
+            if let Some(values) = t.as_slice::<f32>() {
+                return Some(f(values));
+            }
+            // `storage()` of a view is its whole buffer, whatever the layout: copy instead.
+            let contiguous = t.to_contiguous();
+            Some(f(contiguous.storage::<f32>()))
+        }
+
+        fn from_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
+            FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
+        }
+    }
+}

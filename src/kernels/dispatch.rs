@@ -1,0 +1,232 @@
+//! The model calls these with any backend: on burn's CPU backends (NdArray, Flex; plain or
+//! under Autodiff) they run the fused kernels, elsewhere (CUDA, whose fusion compiler fuses
+//! these itself; Candle; f64) they run burn's own ops. The backend is told apart by the type of
+//! its tensor primitive, so model code needs no extra trait bounds.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::Autodiff;
+use burn::backend::NdArray;
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::TensorPrimitive;
+
+use super::cpu::CpuF32;
+use super::elementwise::{self, Activation, GELU, SILU};
+use super::{adaln, attention as fused_attention, linear as fused_linear};
+
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused kernels off (or back on) for the whole process, so that `ditrun bench
+/// --unfused` measures burn's own ops on the same build.
+pub fn set_fused(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
+pub fn fused() -> bool {
+    FUSED.load(Ordering::Relaxed)
+}
+
+/// `Ok(x)` as a `T` when `S` is `T`, else `Err(x)`: resolved per monomorphisation.
+fn cast<S: 'static, T: 'static>(x: S) -> Result<T, S> {
+    let mut slot = Some(x);
+    if let Some(same) = (&mut slot as &mut dyn Any).downcast_mut::<Option<T>>() {
+        return Ok(same.take().expect("just filled"));
+    }
+    Err(slot.expect("just filled"))
+}
+
+fn same<S: 'static, T: 'static>(x: S) -> T {
+    cast::<S, T>(x).ok().expect("the types were found equal")
+}
+
+fn primitive<B: Backend, const D: usize>(x: Tensor<B, D>) -> FloatTensor<B> {
+    x.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// Tries the fused `autodiff` kernel, then the fused `plain` kernel, on `inputs` (a tuple of
+/// primitives of `B`), for the CPU backend `I`.
+fn try_backend<B: Backend, I: CpuF32, In: Clone + 'static, AdIn: Clone + 'static, PlainIn: Clone + 'static>(
+    inputs: In,
+    autodiff: impl FnOnce(AdIn) -> Option<FloatTensor<Autodiff<I>>>,
+    plain: impl FnOnce(PlainIn) -> Option<FloatTensor<I>>,
+) -> Result<FloatTensor<B>, In> {
+    let inputs = match cast::<In, AdIn>(inputs) {
+        Ok(lifted) => match autodiff(lifted.clone()) {
+            Some(out) => return Ok(same(out)),
+            None => return Err(same(lifted)),
+        },
+        Err(inputs) => inputs,
+    };
+    match cast::<In, PlainIn>(inputs) {
+        Ok(lifted) => match plain(lifted.clone()) {
+            Some(out) => Ok(same(out)),
+            None => Err(same(lifted)),
+        },
+        Err(inputs) => Err(inputs),
+    }
+}
+
+fn activation<B: Backend, const D: usize>(op: Activation, x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if !fused() {
+        return Err(x);
+    }
+    let x = primitive(x);
+    let x = match try_backend::<B, NdArray, _, FloatTensor<Autodiff<NdArray>>, FloatTensor<NdArray>>(
+        x,
+        |x| elementwise::forward_autodiff::<NdArray, NoCheckpointing>(op, x),
+        |x| elementwise::forward::<NdArray>(op, &x),
+    ) {
+        Ok(y) => return Ok(tensor(y)),
+        Err(x) => x,
+    };
+    #[cfg(feature = "flex")]
+    let x = match try_backend::<B, burn::backend::Flex, _, FloatTensor<Autodiff<burn::backend::Flex>>, FloatTensor<burn::backend::Flex>>(
+        x,
+        |x| elementwise::forward_autodiff::<burn::backend::Flex, NoCheckpointing>(op, x),
+        |x| elementwise::forward::<burn::backend::Flex>(op, &x),
+    ) {
+        Ok(y) => return Ok(tensor(y)),
+        Err(x) => x,
+    };
+    Err(tensor(x))
+}
+
+/// Exact GELU, `x Φ(x)`.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation(GELU, x).unwrap_or_else(burn::tensor::activation::gelu)
+}
+
+/// SiLU, `x σ(x)`.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation(SILU, x).unwrap_or_else(burn::tensor::activation::silu)
+}
+
+type Triple<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+/// `LayerNorm(x) (1 + scale) + shift` without affine parameters, over the last axis of
+/// `x` `[B, N, D]`, with `scale` and `shift` `[B, 1, D]`.
+pub fn adaln_modulate<B: Backend>(x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+    if !fused() {
+        return crate::model::layers::normalize_last(x, eps) * (scale + 1.0) + shift;
+    }
+    let inputs: Triple<B> = (primitive(x), primitive(scale), primitive(shift));
+    let eps32 = eps as f32;
+    let inputs = match try_backend::<B, NdArray, _, Triple<Autodiff<NdArray>>, Triple<NdArray>>(
+        inputs,
+        |(x, s, t)| adaln::forward_autodiff::<NdArray, NoCheckpointing>(x, s, t, eps32),
+        |(x, s, t)| adaln::forward_tensors::<NdArray>(&x, &s, &t, eps32).map(|(y, _)| y),
+    ) {
+        Ok(y) => return tensor(y),
+        Err(inputs) => inputs,
+    };
+    #[cfg(feature = "flex")]
+    let inputs = {
+        use burn::backend::Flex;
+        match try_backend::<B, Flex, _, Triple<Autodiff<Flex>>, Triple<Flex>>(
+            inputs,
+            |(x, s, t)| adaln::forward_autodiff::<Flex, NoCheckpointing>(x, s, t, eps32),
+            |(x, s, t)| adaln::forward_tensors::<Flex>(&x, &s, &t, eps32).map(|(y, _)| y),
+        ) {
+            Ok(y) => return tensor(y),
+            Err(inputs) => inputs,
+        }
+    };
+    let (x, scale, shift) = inputs;
+    let (x, scale, shift): (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) = (tensor(x), tensor(scale), tensor(shift));
+    crate::model::layers::normalize_last(x, eps) * (scale + 1.0) + shift
+}
+
+/// Scaled dot-product attention, as [`crate::model::layers::attention`] computes it.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    score_bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    if !fused() {
+        return crate::model::layers::attention_unfused(q, k, v, score_bias);
+    }
+    let bias = score_bias.as_ref().map(|b| primitive(b.clone()));
+    let inputs: Triple<B> = (primitive(q), primitive(k), primitive(v));
+    let inputs = match attention_on::<B, NdArray>(inputs, bias.clone()) {
+        Ok(out) => return tensor(out),
+        Err(inputs) => inputs,
+    };
+    #[cfg(feature = "flex")]
+    let inputs = match attention_on::<B, burn::backend::Flex>(inputs, bias.clone()) {
+        Ok(out) => return tensor(out),
+        Err(inputs) => inputs,
+    };
+    let (q, k, v) = inputs;
+    crate::model::layers::attention_unfused(tensor(q), tensor(k), tensor(v), score_bias)
+}
+
+fn attention_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTensor<B>>) -> Result<FloatTensor<B>, Triple<B>> {
+    // The bias must be a constant (a padding mask): its gradient is not computed here.
+    let score_bias = match bias {
+        None => None,
+        Some(bias) => match cast::<FloatTensor<B>, FloatTensor<Autodiff<I>>>(bias) {
+            Ok(bias) if bias.is_tracked() => return Err(inputs),
+            Ok(bias) => Some(fused_attention::ScoreBias::from_tensor::<I>(&bias.primitive)),
+            Err(bias) => match cast::<FloatTensor<B>, FloatTensor<I>>(bias) {
+                Ok(bias) => Some(fused_attention::ScoreBias::from_tensor::<I>(&bias)),
+                Err(_) => return Err(inputs),
+            },
+        },
+    };
+    let score_bias = match score_bias {
+        Some(None) => return Err(inputs),
+        Some(Some(bias)) => Some(bias),
+        None => None,
+    };
+    try_backend::<B, I, _, Triple<Autodiff<I>>, Triple<I>>(
+        inputs,
+        |(q, k, v)| fused_attention::forward_autodiff::<I, NoCheckpointing>(q, k, v, score_bias.as_ref()),
+        |(q, k, v)| fused_attention::forward::<I>(q, k, v, score_bias.as_ref()),
+    )
+}
+
+type LinearInputs<B> = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
+/// `x · weight + bias` over the last axis of `x`, as `burn::tensor::module::linear` (weight
+/// `[d_in, d_out]`).
+pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+    if !fused() {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let inputs: LinearInputs<B> = (primitive(x), primitive(weight), bias.map(primitive));
+    let inputs = match try_backend::<B, NdArray, _, LinearInputs<Autodiff<NdArray>>, LinearInputs<NdArray>>(
+        inputs,
+        |(x, w, b)| fused_linear::forward_autodiff::<NdArray, NoCheckpointing>(x, w, b),
+        |(x, w, b)| fused_linear::forward_tensors::<NdArray>(&x, &w, b.as_ref()),
+    ) {
+        Ok(y) => return tensor(y),
+        Err(inputs) => inputs,
+    };
+    #[cfg(feature = "flex")]
+    let inputs = {
+        use burn::backend::Flex;
+        match try_backend::<B, Flex, _, LinearInputs<Autodiff<Flex>>, LinearInputs<Flex>>(
+            inputs,
+            |(x, w, b)| fused_linear::forward_autodiff::<Flex, NoCheckpointing>(x, w, b),
+            |(x, w, b)| fused_linear::forward_tensors::<Flex>(&x, &w, b.as_ref()),
+        ) {
+            Ok(y) => return tensor(y),
+            Err(inputs) => inputs,
+        }
+    };
+    let (x, weight, bias) = inputs;
+    burn::tensor::module::linear(tensor(x), tensor(weight), bias.map(tensor))
+}
+
+/// A `burn::nn::Linear` layer through [`linear`].
+pub fn linear_layer<B: Backend, const D: usize>(layer: &burn::nn::Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}

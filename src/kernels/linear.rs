@@ -1,0 +1,221 @@
+//! Linear layers `y = x W + b` on the `gemm` crate: multi-threaded over the pool and with
+//! kernels for the processor's widest vectors, where burn-ndarray calls a single-threaded
+//! `matrixmultiply` per product. The backward is two more products (`dx = dy Wᵀ`,
+//! `dW = xᵀ dy`) read through strides, so nothing is transposed in memory, and `db = Σ dy`.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Shape, TensorMetadata};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::cpu::CpuF32;
+
+/// Below this many multiply-adds a product runs on the calling thread: splitting it costs
+/// more than it saves.
+const PARALLEL_WORK: usize = 1 << 21;
+
+/// A row-major matrix or a transposed view of one: element (i, j) is at
+/// `i * row_stride + j * column_stride`.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub values: &'a [f32],
+    pub rows: usize,
+    pub columns: usize,
+    pub row_stride: usize,
+    pub column_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    pub fn row_major(values: &'a [f32], rows: usize, columns: usize) -> Self {
+        assert_eq!(values.len(), rows * columns, "a {rows}×{columns} matrix");
+        Self { values, rows, columns, row_stride: columns, column_stride: 1 }
+    }
+
+    pub fn transposed(self) -> Self {
+        Self {
+            rows: self.columns,
+            columns: self.rows,
+            row_stride: self.column_stride,
+            column_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `out = lhs · rhs` (or `out += lhs · rhs` when `accumulate`), `out` row-major.
+pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
+    assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    assert_eq!(out.len(), m * n, "the product is {m}×{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    if let Some(blas) = super::blas::openblas() {
+        if blas.matmul(lhs, rhs, out, accumulate).is_some() {
+            return;
+        }
+    }
+    let parallelism = if m * n * k >= PARALLEL_WORK && rayon::current_num_threads() > 1 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the pointers and strides describe `m × k`, `k × n` and `m × n` matrices inside
+    // the slices (checked above), and `out` does not overlap the inputs (a `&mut` borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.values.as_ptr(),
+            lhs.column_stride as isize,
+            lhs.row_stride as isize,
+            rhs.values.as_ptr(),
+            rhs.column_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `x [rows, k] · weight [k, n] + bias [n]`.
+pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
+    let rows = x.len() / k;
+    let mut y = vec![0.0f32; rows * n];
+    if let Some(bias) = bias {
+        y.par_chunks_mut(n).with_min_len(64).for_each(|row| row.copy_from_slice(bias));
+    }
+    matmul(Matrix::row_major(x, rows, k), Matrix::row_major(weight, k, n), &mut y, bias.is_some());
+    y
+}
+
+#[derive(Debug)]
+pub struct LinearBackward;
+
+impl<B: CpuF32> Backward<B, 3> for LinearBackward {
+    /// (x, weight): shared with the graph, not copied.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_node, weight_node, bias_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight) = ops.state;
+        let x_shape = x.shape();
+        let [k, n] = weight.shape().dims::<2>();
+        let rows = x_shape.num_elements() / k.max(1);
+        B::with_f32(&grad, |dy| {
+            let dy_matrix = Matrix::row_major(dy, rows, n);
+            if let Some(node) = x_node {
+                let dx = B::with_f32(&weight, |w| {
+                    let mut dx = vec![0.0f32; rows * k];
+                    matmul(dy_matrix, Matrix::row_major(w, k, n).transposed(), &mut dx, false);
+                    dx
+                })
+                .expect("the forward pass ran on f32");
+                grads.register::<B>(node.id, B::from_f32(dx, x_shape.clone()));
+            }
+            if let Some(node) = weight_node {
+                let dw = B::with_f32(&x, |x| {
+                    let mut dw = vec![0.0f32; k * n];
+                    matmul(Matrix::row_major(x, rows, k).transposed(), dy_matrix, &mut dw, false);
+                    dw
+                })
+                .expect("the forward pass ran on f32");
+                grads.register::<B>(node.id, B::from_f32(dw, Shape::new([k, n])));
+            }
+            if let Some(node) = bias_node {
+                grads.register::<B>(node.id, B::from_f32(column_sums(dy, n), Shape::new([n])));
+            }
+        })
+        .expect("the gradient is f32");
+    }
+}
+
+/// Σ over rows of a row-major `[rows, n]` matrix, split over the pool by row blocks.
+fn column_sums(values: &[f32], n: usize) -> Vec<f32> {
+    values
+        .par_chunks(n * 256)
+        .map(|block| {
+            let mut sums = vec![0.0f32; n];
+            for row in block.chunks(n) {
+                for (s, &v) in sums.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+            sums
+        })
+        .reduce(|| vec![0.0f32; n], |mut a, b| {
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+            a
+        })
+}
+
+/// `x · weight + bias` of plain tensors, `x` of any rank (the last axis is `k`).
+pub fn forward_tensors<B: CpuF32>(x: &FloatTensor<B>, weight: &FloatTensor<B>, bias: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
+    let [k, n] = weight.shape().dims::<2>();
+    let mut shape = x.shape();
+    let last = shape.num_dims() - 1;
+    if shape[last] != k || bias.is_some_and(|b| b.shape().as_slice() != [n]) {
+        return None;
+    }
+    let bias = match bias {
+        Some(b) => Some(B::with_f32(b, |b| b.to_vec())?),
+        None => None,
+    };
+    let y = B::with_f32(x, |x| B::with_f32(weight, |w| forward(x, w, bias.as_deref(), k, n)))??;
+    shape[last] = n;
+    Some(B::from_f32(y, shape))
+}
+
+pub fn forward_autodiff<B: CpuF32, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    weight: FloatTensor<Autodiff<B, C>>,
+    bias: Option<FloatTensor<Autodiff<B, C>>>,
+) -> Option<FloatTensor<Autodiff<B, C>>> {
+    let y = forward_tensors::<B>(&x.primitive, &weight.primitive, bias.as_ref().map(|b| &b.primitive))?;
+    let Some(bias) = bias else {
+        return Some(match LinearNoBiasBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        });
+    };
+    let nodes = [x.node.clone(), weight.node.clone(), bias.node.clone()];
+    Some(match LinearBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    })
+}
+
+/// [`LinearBackward`] for a layer without bias.
+#[derive(Debug)]
+pub struct LinearNoBiasBackward;
+
+impl<B: CpuF32> Backward<B, 2> for LinearNoBiasBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [x_node, weight_node] = ops.parents;
+        let with_bias = Ops { parents: [x_node, weight_node, None], node: ops.node, state: ops.state };
+        <LinearBackward as Backward<B, 3>>::backward(LinearBackward, with_bias, grads, checkpointer);
+    }
+}
