@@ -91,9 +91,10 @@ fn check_linear<B: AutodiffBackend>() {
             if let (Some(dx), Some(dx_ref)) = (dx, dx_ref) {
                 assert_close(&format!("{what} dx"), dx, dx_ref, 1e-5);
             }
-            assert_close(&format!("{what} dweight"), dw, dw_ref, 2e-5);
+            // Sums over up to 256 rows of products of order 1, in another order than burn's.
+            assert_close(&format!("{what} dweight"), dw, dw_ref, 1e-4);
             if let (Some(db), Some(db_ref)) = (db, db_ref) {
-                assert_close(&format!("{what} dbias"), db, db_ref, 2e-5);
+                assert_close(&format!("{what} dbias"), db, db_ref, 1e-4);
             }
         }
     }

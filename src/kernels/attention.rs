@@ -1,6 +1,7 @@
-//! Scaled dot-product attention `softmax(q kᵀ / √d + bias) v` whose scale, bias and softmax
-//! (and their backward) are one pass over each score row; the two matrix products stay the
-//! backend's. burn's composition is five tracked ops over `[B, H, N, M]`, each a full pass.
+//! Scaled dot-product attention `softmax(q kᵀ / √d + bias) v` as one op: each (batch, head)
+//! group runs on one thread of the pool, its small products on the `gemm` crate and its
+//! scale, bias and softmax (and their backward) in one pass over each score row. burn's
+//! composition is five tracked ops over `[B, H, N, M]` and a serial loop of small products.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -8,14 +9,14 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::TensorMetadata;
+use std::sync::Arc;
+
+use burn::tensor::{Shape, TensorMetadata};
 use rayon::prelude::*;
 
 use super::cpu::CpuF32;
+use super::linear::{matmul_serial, Matrix};
 use super::math::{dot, exp, max, multiversion};
-
-/// Score rows per parallel task.
-const ROWS: usize = 32;
 
 /// An additive score bias broadcast over `[B, H, N, M]`: `data` holds its own (smaller) shape
 /// and `strides` give, for batch, head and query, how far one step moves in it (0 where the
@@ -79,70 +80,119 @@ multiversion! {
     }
 }
 
-/// Softmax over the last axis of `scores` `[B, H, N, M]` after scaling and adding `bias`.
-pub fn softmax(scores: &[f32], dims: [usize; 4], scale: f32, bias: Option<&ScoreBias>) -> Vec<f32> {
-    let [_, heads, queries, keys] = dims;
-    let mut p = vec![0.0f32; scores.len()];
-    p.par_chunks_mut(keys).enumerate().with_min_len(ROWS).for_each(|(row, p)| {
-        let (b, h, q) = (row / (heads * queries), (row / queries) % heads, row % queries);
-        let bias = bias.map_or(&[][..], |bias| bias.row(b, h, q, keys));
-        softmax_row(&scores[row * keys..(row + 1) * keys], bias, scale, p);
-    });
-    p
+/// The sizes of one attention call: `groups` = batch × heads, each with `queries × keys`
+/// scores over `depth`-wide vectors.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    heads: usize,
+    groups: usize,
+    queries: usize,
+    keys: usize,
+    depth: usize,
+    value_depth: usize,
 }
 
-fn softmax_backward(p: &[f32], dp: &[f32], keys: usize, scale: f32) -> Vec<f32> {
-    let mut ds = vec![0.0f32; p.len()];
-    ds.par_chunks_mut(keys).enumerate().with_min_len(ROWS).for_each(|(row, ds)| {
-        let span = row * keys..(row + 1) * keys;
-        softmax_backward_row(&p[span.clone()], &dp[span], scale, ds);
+/// `(out [G, N, dv], weights [G, N, M])`, each (batch, head) group on one thread.
+fn forward_values(q: &[f32], k: &[f32], v: &[f32], sizes: Sizes, scale: f32, bias: Option<&ScoreBias>) -> (Vec<f32>, Vec<f32>) {
+    let Sizes { heads, groups, queries: n, keys: m, depth: d, value_depth: dv } = sizes;
+    let mut out = vec![0.0f32; groups * n * dv];
+    let mut weights = vec![0.0f32; groups * n * m];
+    out.par_chunks_mut(n * dv).zip(weights.par_chunks_mut(n * m)).enumerate().for_each(|(g, (out, p))| {
+        let (qg, kg, vg) = (&q[g * n * d..(g + 1) * n * d], &k[g * m * d..(g + 1) * m * d], &v[g * m * dv..(g + 1) * m * dv]);
+        let mut scores = vec![0.0f32; n * m];
+        matmul_serial(Matrix::row_major(qg, n, d), Matrix::row_major(kg, m, d).transposed(), &mut scores, false);
+        let (b, h) = (g / heads, g % heads);
+        for (i, (p, s)) in p.chunks_mut(m).zip(scores.chunks(m)).enumerate() {
+            let bias = bias.map_or(&[][..], |bias| bias.row(b, h, i, m));
+            softmax_row(s, bias, scale, p);
+        }
+        matmul_serial(Matrix::row_major(p, n, m), Matrix::row_major(vg, m, dv), out, false);
     });
-    ds
+    (out, weights)
 }
 
-/// The attention weights `[B, H, N, M]` of plain tensors; `None` when not f32.
-pub fn weights<B: CpuF32>(q: FloatTensor<B>, k: FloatTensor<B>, scale: f32, bias: Option<&ScoreBias>) -> Option<FloatTensor<B>> {
-    let scores = B::float_matmul(q, B::float_transpose(k));
-    let shape = scores.shape();
-    let p = B::with_f32(&scores, |s| softmax(s, shape.dims::<4>(), scale, bias))?;
-    Some(B::from_f32(p, shape))
+/// `(dq, dk, dv)` from the output gradient, per group on one thread.
+fn backward_values(q: &[f32], k: &[f32], v: &[f32], p: &[f32], d_out: &[f32], sizes: Sizes, scale: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Sizes { groups, queries: n, keys: m, depth: d, value_depth: dv, .. } = sizes;
+    let mut dq = vec![0.0f32; groups * n * d];
+    let mut dk = vec![0.0f32; groups * m * d];
+    let mut dvalues = vec![0.0f32; groups * m * dv];
+    dq.par_chunks_mut(n * d)
+        .zip(dk.par_chunks_mut(m * d))
+        .zip(dvalues.par_chunks_mut(m * dv))
+        .enumerate()
+        .for_each(|(g, ((dq, dk), dvg))| {
+            let qg = Matrix::row_major(&q[g * n * d..(g + 1) * n * d], n, d);
+            let kg = Matrix::row_major(&k[g * m * d..(g + 1) * m * d], m, d);
+            let vg = Matrix::row_major(&v[g * m * dv..(g + 1) * m * dv], m, dv);
+            let pg = Matrix::row_major(&p[g * n * m..(g + 1) * n * m], n, m);
+            let og = Matrix::row_major(&d_out[g * n * dv..(g + 1) * n * dv], n, dv);
+            matmul_serial(pg.transposed(), og, dvg, false);
+            let mut dp = vec![0.0f32; n * m];
+            matmul_serial(og, vg.transposed(), &mut dp, false);
+            let mut ds = vec![0.0f32; n * m];
+            for ((ds, dp), p) in ds.chunks_mut(m).zip(dp.chunks(m)).zip(pg.values.chunks(m)) {
+                softmax_backward_row(p, dp, scale, ds);
+            }
+            let ds = Matrix::row_major(&ds, n, m);
+            matmul_serial(ds, kg, dq, false);
+            matmul_serial(ds.transposed(), qg, dk, false);
+        });
+    (dq, dk, dvalues)
+}
+
+fn sizes_of<B: CpuF32>(q: &FloatTensor<B>, k: &FloatTensor<B>, v: &FloatTensor<B>) -> Option<Sizes> {
+    let [b, h, n, d] = q.shape().dims::<4>();
+    let [kb, kh, m, kd] = k.shape().dims::<4>();
+    let [vb, vh, vm, dv] = v.shape().dims::<4>();
+    ((kb, kh, kd) == (b, h, d) && (vb, vh, vm) == (b, h, m)).then_some(Sizes { heads: h, groups: b * h, queries: n, keys: m, depth: d, value_depth: dv })
+}
+
+/// The three inputs as contiguous values (strided views, as split heads are, copied once).
+fn contiguous<B: CpuF32>(t: &FloatTensor<B>) -> Option<Arc<Vec<f32>>> {
+    B::with_f32(t, |values| Arc::new(values.to_vec()))
 }
 
 /// Attention of plain (inference) tensors.
 pub fn forward<B: CpuF32>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, bias: Option<&ScoreBias>) -> Option<FloatTensor<B>> {
-    let scale = (q.shape().dims::<4>()[3] as f32).powf(-0.5);
-    Some(B::float_matmul(weights::<B>(q, k, scale, bias)?, v))
+    let sizes = sizes_of::<B>(&q, &k, &v)?;
+    let scale = (sizes.depth as f32).powf(-0.5);
+    let (qv, kv, vv) = (contiguous::<B>(&q)?, contiguous::<B>(&k)?, contiguous::<B>(&v)?);
+    let (out, _) = forward_values(&qv, &kv, &vv, sizes, scale, bias);
+    let [b, h, n, _] = q.shape().dims::<4>();
+    Some(B::from_f32(out, Shape::new([b, h, n, sizes.value_depth])))
+}
+
+#[derive(Clone, Debug)]
+pub struct AttentionState {
+    q: Arc<Vec<f32>>,
+    k: Arc<Vec<f32>>,
+    v: Arc<Vec<f32>>,
+    weights: Arc<Vec<f32>>,
+    sizes: Sizes,
+    scale: f32,
+    shapes: [Shape; 3],
 }
 
 #[derive(Debug)]
 pub struct AttentionBackward;
 
 impl<B: CpuF32> Backward<B, 3> for AttentionBackward {
-    /// (q, k, v, the weights P, the score scale).
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f32);
+    type State = AttentionState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [q_node, k_node, v_node] = ops.parents;
         let d_out = grads.consume::<B>(&ops.node);
-        let (q, k, v, p, scale) = ops.state;
-        if let Some(node) = v_node {
-            grads.register::<B>(node.id, B::float_matmul(B::float_transpose(p.clone()), d_out.clone()));
-        }
-        if q_node.is_none() && k_node.is_none() {
-            return;
-        }
-        let dp = B::float_matmul(d_out, B::float_transpose(v));
-        let shape = p.shape();
-        let keys = shape.dims::<4>()[3];
-        let ds = B::with_f32(&p, |p| B::with_f32(&dp, |dp| softmax_backward(p, dp, keys, scale)))
-            .flatten()
-            .expect("the forward pass ran on f32");
-        let ds = B::from_f32(ds, shape);
-        if let Some(node) = q_node {
-            grads.register::<B>(node.id, B::float_matmul(ds.clone(), k));
-        }
-        if let Some(node) = k_node {
-            grads.register::<B>(node.id, B::float_matmul(B::float_transpose(ds), q));
+        let state = ops.state;
+        let (dq, dk, dv) = B::with_f32(&d_out, |d_out| {
+            backward_values(&state.q, &state.k, &state.v, &state.weights, d_out, state.sizes, state.scale)
+        })
+        .expect("the gradient is f32");
+        let [q_shape, k_shape, v_shape] = state.shapes;
+        for (node, values, shape) in [(q_node, dq, q_shape), (k_node, dk, k_shape), (v_node, dv, v_shape)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, B::from_f32(values, shape));
+            }
         }
     }
 }
@@ -154,12 +204,19 @@ pub fn forward_autodiff<B: CpuF32, C: CheckpointStrategy>(
     v: FloatTensor<Autodiff<B, C>>,
     bias: Option<&ScoreBias>,
 ) -> Option<FloatTensor<Autodiff<B, C>>> {
-    let scale = (q.shape().dims::<4>()[3] as f32).powf(-0.5);
-    let p = weights::<B>(q.primitive.clone(), k.primitive.clone(), scale, bias)?;
-    let out = B::float_matmul(p.clone(), v.primitive.clone());
+    let sizes = sizes_of::<B>(&q.primitive, &k.primitive, &v.primitive)?;
+    let scale = (sizes.depth as f32).powf(-0.5);
+    let (qv, kv, vv) = (contiguous::<B>(&q.primitive)?, contiguous::<B>(&k.primitive)?, contiguous::<B>(&v.primitive)?);
+    let (out, weights) = forward_values(&qv, &kv, &vv, sizes, scale, bias);
+    let [b, h, n, _] = q.primitive.shape().dims::<4>();
+    let out = B::from_f32(out, Shape::new([b, h, n, sizes.value_depth]));
+    let shapes = [q.primitive.shape(), k.primitive.shape(), v.primitive.shape()];
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
     Some(match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((q.primitive, k.primitive, v.primitive, p, scale), out),
+        OpsKind::Tracked(prep) => {
+            let state = AttentionState { q: qv, k: kv, v: vv, weights: Arc::new(weights), sizes, scale, shapes };
+            prep.finish(state, out)
+        }
         OpsKind::UnTracked(prep) => prep.finish(out),
     })
 }

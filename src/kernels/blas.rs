@@ -30,6 +30,12 @@ pub fn prepare(threads: usize) {
         // SAFETY: start-up, before any other thread exists (see `backend::set_cpu_threads`).
         unsafe { std::env::set_var("OPENBLAS_CORETYPE", "SKYLAKEX") };
     }
+    if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
+        // OpenBLAS's idle threads otherwise spin for ~2^28 cycles after each product, taking
+        // the cores from the fused kernels that run next on the other pool.
+        // SAFETY: as above.
+        unsafe { std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "4") };
+    }
     if let Some(blas) = openblas() {
         // SAFETY: a plain setter of the library's thread count.
         unsafe { (blas.set_threads)(threads.max(1) as i32) };

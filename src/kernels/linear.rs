@@ -98,6 +98,43 @@ pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
     }
 }
 
+/// [`matmul`] on the calling thread alone, for small products inside parallel loops.
+pub fn matmul_serial(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
+    assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    assert_eq!(out.len(), m * n, "the product is {m}×{n}");
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: as in `matmul`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.values.as_ptr(),
+            lhs.column_stride as isize,
+            lhs.row_stride as isize,
+            rhs.values.as_ptr(),
+            rhs.column_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// `x [rows, k] · weight [k, n] + bias [n]`.
 pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
     let rows = x.len() / k;
