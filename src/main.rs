@@ -90,14 +90,8 @@ enum Command {
         checkpoint: String,
         #[arg(long = "prompt", required = true)]
         prompts: Vec<String>,
-        #[arg(long, default_value_t = 7.5)]
-        cfg: f64,
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        #[arg(long, value_enum, default_value_t = Sampler::Euler)]
-        sampler: Sampler,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         #[arg(long, default_value_t = 1)]
         per_prompt: usize,
         /// One grid PNG: rows are prompts, columns images per prompt.
@@ -156,6 +150,28 @@ enum Command {
     },
 }
 
+/// How `sample` and `inspect cross-attention` integrate from noise to image.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Classifier-free guidance scale (1 = plain conditional).
+    #[arg(long, default_value_t = 7.5)]
+    cfg: f64,
+    /// Integration steps from noise to image.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, value_enum, default_value_t = Sampler::Euler)]
+    sampler: Sampler,
+    /// Seeds the initial noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn options(&self, per_prompt: usize) -> ditrun::sample::SampleOptions {
+        ditrun::sample::SampleOptions { cfg: self.cfg, steps: self.steps, sampler: self.sampler, per_prompt, seed: self.seed }
+    }
+}
+
 #[derive(Subcommand)]
 enum InspectView {
     /// Cosine similarity of the text encoder's pooled embeddings of the prompts: a table on
@@ -192,14 +208,8 @@ enum InspectView {
         /// nearest integration step.
         #[arg(long, value_delimiter = ',', default_value = "1,0.5,0.1")]
         times: Vec<f64>,
-        #[arg(long, default_value_t = 7.5)]
-        cfg: f64,
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        #[arg(long, value_enum, default_value_t = Sampler::Euler)]
-        sampler: Sampler,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         #[arg(long, required_unless_present = "json")]
         out: Option<PathBuf>,
         #[arg(long)]
@@ -284,12 +294,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(code);
             }
         }
-        Command::Sample { checkpoint, prompts, cfg, steps, sampler, seed, per_prompt, out, out_dir, cfg_sweep } => {
+        Command::Sample { checkpoint, prompts, sampling, per_prompt, out, out_dir, cfg_sweep } => {
             set_cpu_threads(all_cores());
             let request = ditrun::sample::SampleRequest {
                 checkpoint,
                 prompts,
-                options: ditrun::sample::SampleOptions { cfg, steps, sampler, per_prompt, seed },
+                options: sampling.options(per_prompt),
             };
             if let Some(scales) = cfg_sweep {
                 let out = out.expect("clap requires --out with --cfg-sweep");
@@ -326,11 +336,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Inspect {
-            view: Some(InspectView::CrossAttention { checkpoint, prompt, block, times, cfg, steps, sampler, seed, out, json }),
+            view: Some(InspectView::CrossAttention { checkpoint, prompt, block, times, sampling, out, json }),
             ..
         } => {
             set_cpu_threads(all_cores());
-            let options = ditrun::sample::SampleOptions { cfg, steps, sampler, per_prompt: 1, seed };
+            let options = sampling.options(1);
             let task = ditrun::viz::CrossAttentionTask { prompt: &prompt, options: &options, block, times: &times };
             let (_, report) = ditrun::sample::with_checkpoint(&checkpoint, task)?;
             if let Some(path) = &out {

@@ -89,26 +89,24 @@ pub fn sample_recording<B: Backend>(
     let batch = x_init.dims()[0];
     let tokens = guidance.context.dims()[1];
     let (context, mask) = guidance.doubled();
+    let call = |x: Tensor<B, 4>, times: Tensor<B, 1>, context: Tensor<B, 3>, mask: Tensor<B, 2, Bool>, record: bool| {
+        if record {
+            model.forward_with_cross_attention(x, times, context, Some(mask))
+        } else {
+            (model.forward(x, times, context, Some(mask)), Vec::new())
+        }
+    };
     let velocity = |x: Tensor<B, 4>, t: f64, record: bool| {
         let device = x.device();
         if guidance.scale == 1.0 {
             // null + 1·(conditional − null) is the conditional velocity: skip the null half
             // (half the work, and exactly the plain conditional sampler).
             let times = Tensor::<B, 1>::full([batch], t, &device);
-            let (context, mask) = (guidance.context.clone(), Some(guidance.mask.clone()));
-            return if record {
-                model.forward_with_cross_attention(x, times, context, mask)
-            } else {
-                (model.forward(x, times, context, mask), Vec::new())
-            };
+            return call(x, times, guidance.context.clone(), guidance.mask.clone(), record);
         }
         let both = Tensor::cat(vec![x.clone(), x], 0);
         let times = Tensor::<B, 1>::full([2 * batch], t, &device);
-        let (v, weights) = if record {
-            model.forward_with_cross_attention(both, times, context.clone(), Some(mask.clone()))
-        } else {
-            (model.forward(both, times, context.clone(), Some(mask.clone())), Vec::new())
-        };
+        let (v, weights) = call(both, times, context.clone(), mask.clone(), record);
         // The conditional half, at its own tokens (the rest is padding to the null length).
         let weights = weights.into_iter().map(|w| w.narrow(0, 0, batch).narrow(2, 0, tokens)).collect();
         let conditional = v.clone().narrow(0, 0, batch);

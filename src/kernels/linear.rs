@@ -71,8 +71,15 @@ pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
     } else {
         Parallelism::None
     };
+    gemm_crate(lhs, rhs, out, accumulate, parallelism);
+}
+
+/// The `gemm` crate's product, shapes checked by the callers.
+fn gemm_crate(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool, parallelism: Parallelism) {
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     // SAFETY: the pointers and strides describe `m × k`, `k × n` and `m × n` matrices inside
-    // the slices (checked above), and `out` does not overlap the inputs (a `&mut` borrow).
+    // the slices (checked by the callers), and `out` does not overlap the inputs (a `&mut`
+    // borrow).
     unsafe {
         gemm::gemm(
             m,
@@ -109,30 +116,7 @@ pub fn matmul_serial(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool
         }
         return;
     }
-    // SAFETY: as in `matmul`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.values.as_ptr(),
-            lhs.column_stride as isize,
-            lhs.row_stride as isize,
-            rhs.values.as_ptr(),
-            rhs.column_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    gemm_crate(lhs, rhs, out, accumulate, Parallelism::None);
 }
 
 /// `x [rows, k] · weight [k, n] + bias [n]`.
@@ -188,9 +172,11 @@ impl<B: CpuF32> Backward<B, 3> for LinearBackward {
     }
 }
 
-/// Σ over rows of a row-major `[rows, n]` matrix, split over the pool by row blocks.
+/// Σ over rows of a row-major `[rows, n]` matrix: blocks of rows in parallel, their partial
+/// sums added in block order, so the result does not depend on how the pool split the work
+/// (exact resume needs bit-identical gradients).
 fn column_sums(values: &[f32], n: usize) -> Vec<f32> {
-    values
+    let partials: Vec<Vec<f32>> = values
         .par_chunks(n * 256)
         .map(|block| {
             let mut sums = vec![0.0f32; n];
@@ -201,10 +187,12 @@ fn column_sums(values: &[f32], n: usize) -> Vec<f32> {
             }
             sums
         })
-        .reduce(|| vec![0.0f32; n], |mut a, b| {
-            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-            a
-        })
+        .collect();
+    let mut total = vec![0.0f32; n];
+    for partial in partials {
+        total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+    }
+    total
 }
 
 /// `x · weight + bias` of plain tensors, `x` of any rank (the last axis is `k`).
