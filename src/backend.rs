@@ -32,8 +32,8 @@ impl BackendKind {
     pub fn preferred() -> Self {
         [BackendKind::Cuda, BackendKind::Ndarray, BackendKind::Flex, BackendKind::Candle]
             .into_iter()
-            .find(|kind| kind.compiled_in())
-            .expect("at least one backend feature is enabled")
+            .find(|kind| kind.compiled_in() && (*kind != BackendKind::Cuda || cuda_driver_present()))
+            .unwrap_or(BackendKind::Ndarray)
     }
 
     pub fn name(self) -> &'static str {
@@ -44,6 +44,22 @@ impl BackendKind {
             BackendKind::Cuda => "cuda",
         }
     }
+}
+
+/// Whether this machine has an NVIDIA driver (`libcuda`): a CUDA build on a machine without
+/// one then runs on the CPU under `auto`, and `cuda` asked for by name fails with a message,
+/// where the CUDA runtime would panic at its first call.
+pub fn cuda_driver_present() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PRESENT.get_or_init(|| {
+            // SAFETY: loading the driver library runs only its own initialisers.
+            ["libcuda.so.1", "libcuda.so"].iter().any(|name| unsafe { libloading::Library::new(name) }.is_ok())
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// Runs `$body` with the type alias `$B` bound to the backend selected by `$kind` (a

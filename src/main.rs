@@ -354,6 +354,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce, profile, unfused } => {
             ditrun::kernels::set_fused(!unfused);
+            if backend == BackendKind::Cuda && !ditrun::backend::cuda_driver_present() {
+                anyhow::bail!("--backend cuda: this machine has no NVIDIA driver (libcuda.so.1 not found)");
+            }
             // Under mpirun every rank benchmarks and gradients are averaged as in training;
             // rank 0 prints the report.
             let world = World::from_env()?;

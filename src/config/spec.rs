@@ -736,6 +736,11 @@ impl BackendChoice {
             BackendChoice::Candle => BackendKind::Candle,
             BackendChoice::Cuda => BackendKind::Cuda,
         };
+        if kind == BackendKind::Cuda && kind.compiled_in() && !crate::backend::cuda_driver_present() {
+            return Err(crate::Error::Config(
+                "train.backend: `cuda`, but this machine has no NVIDIA driver (libcuda.so.1 not found); use `auto` to fall back to the CPU".into(),
+            ));
+        }
         if kind.compiled_in() {
             Ok(kind)
         } else {
