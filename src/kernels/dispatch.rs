@@ -114,7 +114,7 @@ type Triple<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 /// `x` `[B, N, D]`, with `scale` and `shift` `[B, 1, D]`.
 pub fn adaln_modulate<B: Backend>(x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
     if !fused() {
-        return crate::model::layers::normalize_last(x, eps) * (scale + 1.0) + shift;
+        return adaln_unfused(x, scale, shift, eps);
     }
     let inputs: Triple<B> = (primitive(x), primitive(scale), primitive(shift));
     let eps32 = eps as f32;
@@ -139,7 +139,11 @@ pub fn adaln_modulate<B: Backend>(x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: T
         }
     };
     let (x, scale, shift) = inputs;
-    let (x, scale, shift): (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) = (tensor(x), tensor(scale), tensor(shift));
+    adaln_unfused(tensor(x), tensor(scale), tensor(shift), eps)
+}
+
+/// [`adaln_modulate`] composed of burn ops.
+fn adaln_unfused<B: Backend>(x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
     crate::model::layers::normalize_last(x, eps) * (scale + 1.0) + shift
 }
 

@@ -47,20 +47,24 @@ impl<'a> Matrix<'a> {
     }
 }
 
-/// `out = lhs · rhs` (or `out += lhs · rhs` when `accumulate`), `out` row-major.
-pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
+/// Checks the shapes of `out = lhs · rhs` and settles the empty cases: `None` when there is
+/// nothing left to multiply (`out` already holds the result), else `(m, k, n)`.
+fn product_sizes(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) -> Option<(usize, usize, usize)> {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     assert_eq!(out.len(), m * n, "the product is {m}×{n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
+    if m == 0 || n == 0 || k == 0 {
         if !accumulate {
             out.fill(0.0);
         }
-        return;
+        return None;
     }
+    Some((m, k, n))
+}
+
+/// `out = lhs · rhs` (or `out += lhs · rhs` when `accumulate`), `out` row-major.
+pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
+    let Some((m, k, n)) = product_sizes(lhs, rhs, out, accumulate) else { return };
     if let Some(blas) = super::blas::openblas() {
         if blas.matmul(lhs, rhs, out, accumulate).is_some() {
             return;
@@ -107,16 +111,9 @@ fn gemm_crate(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool, paral
 
 /// [`matmul`] on the calling thread alone, for small products inside parallel loops.
 pub fn matmul_serial(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
-    assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
-    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
-    assert_eq!(out.len(), m * n, "the product is {m}×{n}");
-    if m == 0 || n == 0 || k == 0 {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        return;
+    if product_sizes(lhs, rhs, out, accumulate).is_some() {
+        gemm_crate(lhs, rhs, out, accumulate, Parallelism::None);
     }
-    gemm_crate(lhs, rhs, out, accumulate, Parallelism::None);
 }
 
 /// `x [rows, k] · weight [k, n] + bias [n]`.
