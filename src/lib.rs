@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod sample;
 pub mod storage;
 pub mod text;

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
@@ -95,10 +95,7 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collecti
     let mut rng = StdRng::seed_from_u64(0);
     let mut model = options.model.init::<AB>(&device)?;
     let params = model.num_params();
-    let mut optimizer = AdamWConfig::new()
-        .with_weight_decay(0.01)
-        .with_epsilon(1e-8)
-        .init::<AB, crate::model::TextConditionalDiT<AB>>();
+    let mut optimizer = crate::optim::AdamWSettings::bench().init::<AB, crate::model::TextConditionalDiT<AB>>();
     let encoder = TextEncoder::<AB::InnerBackend>::load(None, &options.text, 0, &device)?;
     let mut cache = TextEmbeddingCache::new(encoder);
     cache.warm(CAPTIONS.iter().copied().chain([""]));

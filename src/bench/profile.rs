@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
@@ -174,7 +174,7 @@ pub fn profile<AB: AutodiffBackend>(config: &TextDiTConfig, batch: usize, contex
     // AdamW over every parameter of the model, with gradients of the right shapes.
     let model = config.init::<AB>(&device).expect("the seed config is valid");
     let params = model.num_params();
-    let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init::<AB, crate::model::TextConditionalDiT<AB>>();
+    let mut optimizer = crate::optim::AdamWSettings::bench().init::<AB, crate::model::TextConditionalDiT<AB>>();
     let mut model = Some(model);
     let mut times = Vec::new();
     for repeat in 0..=REPEATS {

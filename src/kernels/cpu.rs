@@ -1,5 +1,7 @@
 //! Direct access to the f32 buffers of burn's CPU backends, for the fused kernels.
 
+use std::borrow::Cow;
+
 use burn::backend::ndarray::{NdArray, NdArrayTensor};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
@@ -12,6 +14,9 @@ pub trait CpuF32: Backend {
     fn with_f32<R>(t: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> Option<R>;
     /// A tensor owning `values` (row-major), without a copy.
     fn from_f32(values: Vec<f32>, shape: Shape) -> FloatTensor<Self>;
+    /// `t`'s values in row-major order, borrowed when `t` is contiguous (as [`Self::with_f32`],
+    /// for callers that hold many tensors' values at once). `None` when `t` is not f32.
+    fn values_f32(t: &FloatTensor<Self>) -> Option<Cow<'_, [f32]>>;
 }
 
 impl CpuF32 for NdArray {
@@ -27,6 +32,15 @@ impl CpuF32 for NdArray {
 
     fn from_f32(values: Vec<f32>, shape: Shape) -> NdArrayTensor {
         NdArrayTensor::from_data(TensorData::new(values, shape))
+    }
+
+    fn values_f32(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
+        let NdArrayTensor::F32(storage) = t else { return None };
+        let view = storage.view();
+        Some(match view.to_slice() {
+            Some(values) => Cow::Borrowed(values),
+            None => Cow::Owned(view.iter().copied().collect()),
+        })
     }
 }
 
@@ -50,6 +64,16 @@ mod flex {
 
         fn from_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
             FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
+        }
+
+        fn values_f32(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+            if t.dtype() != DType::F32 {
+                return None;
+            }
+            Some(match t.as_slice::<f32>() {
+                Some(values) => std::borrow::Cow::Borrowed(values),
+                None => std::borrow::Cow::Owned(t.to_contiguous().storage::<f32>().to_vec()),
+            })
         }
     }
 }

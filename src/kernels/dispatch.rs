@@ -4,6 +4,7 @@
 //! its tensor primitive, so model code needs no extra trait bounds.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -106,6 +107,44 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 /// SiLU, `x σ(x)`.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     activation(SILU, x).unwrap_or_else(burn::tensor::activation::silu)
+}
+
+/// `t`'s f32 values when `B` is one of the CPU backends the kernels run on (borrowed when
+/// contiguous), else `None`: host-side passes (the fused AdamW) read tensors through this.
+pub fn host_values<B: Backend>(t: &FloatTensor<B>) -> Option<Cow<'_, [f32]>> {
+    let any = t as &dyn Any;
+    if let Some(t) = any.downcast_ref::<FloatTensor<NdArray>>() {
+        return NdArray::values_f32(t);
+    }
+    #[cfg(feature = "flex")]
+    if let Some(t) = any.downcast_ref::<FloatTensor<burn::backend::Flex>>() {
+        return burn::backend::Flex::values_f32(t);
+    }
+    None
+}
+
+/// A tensor of `B` owning `values`, when `B` is one of the kernels' CPU backends.
+pub fn host_tensor<B: Backend>(values: Vec<f32>, shape: burn::tensor::Shape) -> Option<FloatTensor<B>> {
+    let id = std::any::TypeId::of::<FloatTensor<B>>();
+    if id == std::any::TypeId::of::<FloatTensor<NdArray>>() {
+        return cast::<FloatTensor<NdArray>, FloatTensor<B>>(NdArray::from_f32(values, shape)).ok();
+    }
+    #[cfg(feature = "flex")]
+    if id == std::any::TypeId::of::<FloatTensor<burn::backend::Flex>>() {
+        use burn::backend::Flex;
+        return cast::<FloatTensor<Flex>, FloatTensor<B>>(Flex::from_f32(values, shape)).ok();
+    }
+    None
+}
+
+/// Whether `B`'s tensors are ones [`host_values`] reads.
+pub fn is_host_backend<B: Backend>() -> bool {
+    let id = std::any::TypeId::of::<FloatTensor<B>>();
+    #[cfg(feature = "flex")]
+    if id == std::any::TypeId::of::<FloatTensor<burn::backend::Flex>>() {
+        return true;
+    }
+    id == std::any::TypeId::of::<FloatTensor<NdArray>>()
 }
 
 type Triple<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);

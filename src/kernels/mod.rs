@@ -6,6 +6,7 @@
 //! pool. On other backends the same functions run burn's own ops (see `dispatch`).
 
 mod adaln;
+pub mod adamw;
 pub mod blas;
 mod attention;
 mod cpu;
@@ -14,5 +15,7 @@ mod elementwise;
 mod linear;
 pub mod math;
 
-pub use dispatch::{adaln_modulate, attention, fused, gelu, linear, linear_layer, set_fused, silu};
+pub use dispatch::{
+    adaln_modulate, attention, fused, gelu, host_tensor, host_values, is_host_backend, linear, linear_layer, set_fused, silu,
+};
 pub use linear::{matmul, Matrix};

@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
+
+use crate::optim::AdamWSettings;
 
 pub use params::{global_grad_norm, scale_grads, update_ema, with_path_ids};
 pub use schedule::learning_rate;
@@ -205,12 +207,13 @@ fn train_on<AB: AutodiffBackend>(
     let fresh = crate::backend::seeded::<AB, _>(&device, job.train.seed, || {
         job.dit_config().init::<AB>(&device).map(with_path_ids)
     })?;
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(job.train.betas[0] as f32)
-        .with_beta_2(job.train.betas[1] as f32)
-        .with_epsilon(job.train.eps as f32)
-        .with_weight_decay(job.train.weight_decay as f32)
-        .init::<AB, TextConditionalDiT<AB>>();
+    let mut optimizer = AdamWSettings {
+        beta_1: job.train.betas[0] as f32,
+        beta_2: job.train.betas[1] as f32,
+        epsilon: job.train.eps as f32,
+        weight_decay: job.train.weight_decay as f32,
+    }
+    .init::<AB, TextConditionalDiT<AB>>();
 
     let checkpoints = if job.checkpoint.url.is_empty() || !primary {
         None
