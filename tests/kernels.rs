@@ -8,7 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 
 use ditrun::kernels;
-use ditrun::model::layers::{attention_unfused, normalize_last, MASKED_SCORE};
+use ditrun::model::layers::{attention_unfused, merge_heads, normalize_last, split_heads, MASKED_SCORE};
 
 fn values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
     tensor.into_data().convert::<f32>().into_vec().unwrap()
@@ -207,12 +207,71 @@ fn check_attention<B: AutodiffBackend>() {
     }
 }
 
+/// Self-attention of a packed qkv `[B, N, 3·H·d]` composed of burn ops, as the seed splits it.
+fn packed_composed<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    let [b, n, width] = qkv.dims();
+    let d = width / 3 / heads;
+    let qkv = qkv.reshape([b, n, 3, heads, d]).permute([2, 0, 3, 1, 4]);
+    let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, n, d]);
+    merge_heads(attention_unfused(part(0), part(1), part(2), None))
+}
+
+fn separate_composed<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
+    merge_heads(attention_unfused(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), bias))
+}
+
+/// The token-major attention ops (packed self-attention, cross-attention over separate
+/// projections) against burn's split, attend, merge: values, gradients, and inference tensors.
+fn check_token_attention<B: AutodiffBackend>() {
+    for [b, h, n, m, d] in [[3, 2, 5, 7, 4], [2, 8, 64, 64, 32], [4, 8, 64, 7, 32]] {
+        let qkv = random::<B, 3>([b, n, 3 * h * d], 1.0);
+        let weight = random::<B, 3>([b, n, h * d], 1.0);
+        let run = |fused: bool| {
+            let x = qkv.clone().require_grad();
+            let y = if fused { kernels::packed_self_attention(x.clone(), h) } else { packed_composed(x.clone(), h) };
+            let grads = (y.clone() * weight.clone()).sum().backward();
+            (y.inner(), x.grad(&grads).unwrap())
+        };
+        let ((y, dx), (y_ref, dx_ref)) = (run(true), run(false));
+        let what = format!("packed self-attention {:?}", [b, h, n, d]);
+        assert_close(&format!("{what} forward"), y, y_ref.clone(), 1e-5);
+        assert_close(&format!("{what} d qkv"), dx, dx_ref, GRADIENT_TOLERANCE);
+        let plain = kernels::packed_self_attention(qkv.clone().inner(), h);
+        assert_close(&format!("{what} inference"), plain, y_ref, 1e-5);
+
+        let q = random::<B, 3>([b, n, h * d], 1.0);
+        let k = random::<B, 3>([b, m, h * d], 1.0);
+        let v = random::<B, 3>([b, m, h * d], 1.0);
+        for bias in [None, Some(padding_bias::<B>(b, m))] {
+            let run = |fused: bool| {
+                let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+                let y = if fused {
+                    kernels::multi_head_attention(q.clone(), k.clone(), v.clone(), h, bias.clone())
+                } else {
+                    separate_composed(q.clone(), k.clone(), v.clone(), h, bias.clone())
+                };
+                let grads = (y.clone() * weight.clone()).sum().backward();
+                (y.inner(), [q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()])
+            };
+            let ((y, grads), (y_ref, grads_ref)) = (run(true), run(false));
+            let what = format!("cross-attention {:?} bias {}", [b, h, n, m, d], bias.is_some());
+            assert_close(&format!("{what} forward"), y, y_ref.clone(), 1e-5);
+            for (name, (g, g_ref)) in ["dq", "dk", "dv"].iter().zip(grads.into_iter().zip(grads_ref)) {
+                assert_close(&format!("{what} {name}"), g, g_ref, GRADIENT_TOLERANCE);
+            }
+            let plain = kernels::multi_head_attention(q.clone().inner(), k.clone().inner(), v.clone().inner(), h, bias.clone().map(|b| b.inner()));
+            assert_close(&format!("{what} inference"), plain, y_ref, 1e-5);
+        }
+    }
+}
+
 #[test]
 fn fused_kernels_match_burn_ops_on_ndarray() {
     type B = Autodiff<burn::backend::NdArray>;
     check_activations::<B>();
     check_adaln::<B>();
     check_attention::<B>();
+    check_token_attention::<B>();
     check_linear::<B>();
     check_inference::<burn::backend::NdArray>();
 }
@@ -224,6 +283,7 @@ fn fused_kernels_match_burn_ops_on_flex() {
     check_activations::<B>();
     check_adaln::<B>();
     check_attention::<B>();
+    check_token_attention::<B>();
     check_linear::<B>();
     check_inference::<burn::backend::Flex>();
 }

@@ -39,7 +39,7 @@ impl ScoreBias {
         })
     }
 
-    fn row(&self, batch: usize, head: usize, query: usize, keys: usize) -> &[f32] {
+    pub(crate) fn row(&self, batch: usize, head: usize, query: usize, keys: usize) -> &[f32] {
         let start = batch * self.strides[0] + head * self.strides[1] + query * self.strides[2];
         &self.data[start..start + keys]
     }

@@ -16,7 +16,7 @@ use burn::tensor::TensorPrimitive;
 
 use super::cpu::CpuF32;
 use super::elementwise::{self, Activation, GELU, SILU};
-use super::{adaln, attention as fused_attention, linear as fused_linear};
+use super::{adaln, attention as fused_attention, linear as fused_linear, token_attention};
 
 static FUSED: AtomicBool = AtomicBool::new(true);
 
@@ -211,28 +211,104 @@ pub fn attention<B: Backend>(
     crate::model::layers::attention_unfused(tensor(q), tensor(k), tensor(v), score_bias)
 }
 
-fn attention_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTensor<B>>) -> Result<FloatTensor<B>, Triple<B>> {
+/// The padding bias as the fused kernels take it: `Ok(None)` without one, `Err(())` when it
+/// cannot be used (tracked, or not a CPU tensor of `I`).
+fn score_bias_on<B: Backend, I: CpuF32>(bias: Option<FloatTensor<B>>) -> Result<Option<fused_attention::ScoreBias>, ()> {
     // The bias must be a constant (a padding mask): its gradient is not computed here.
-    let score_bias = match bias {
-        None => None,
-        Some(bias) => match cast::<FloatTensor<B>, FloatTensor<Autodiff<I>>>(bias) {
-            Ok(bias) if bias.is_tracked() => return Err(inputs),
-            Ok(bias) => Some(fused_attention::ScoreBias::from_tensor::<I>(&bias.primitive)),
-            Err(bias) => match cast::<FloatTensor<B>, FloatTensor<I>>(bias) {
-                Ok(bias) => Some(fused_attention::ScoreBias::from_tensor::<I>(&bias)),
-                Err(_) => return Err(inputs),
-            },
+    let Some(bias) = bias else { return Ok(None) };
+    let bias = match cast::<FloatTensor<B>, FloatTensor<Autodiff<I>>>(bias) {
+        Ok(bias) if bias.is_tracked() => return Err(()),
+        Ok(bias) => fused_attention::ScoreBias::from_tensor::<I>(&bias.primitive),
+        Err(bias) => match cast::<FloatTensor<B>, FloatTensor<I>>(bias) {
+            Ok(bias) => fused_attention::ScoreBias::from_tensor::<I>(&bias),
+            Err(_) => return Err(()),
         },
     };
-    let score_bias = match score_bias {
-        Some(None) => return Err(inputs),
-        Some(Some(bias)) => Some(bias),
-        None => None,
-    };
+    bias.map(Some).ok_or(())
+}
+
+fn attention_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTensor<B>>) -> Result<FloatTensor<B>, Triple<B>> {
+    let Ok(score_bias) = score_bias_on::<B, I>(bias) else { return Err(inputs) };
     try_backend::<B, I, _, Triple<Autodiff<I>>, Triple<I>>(
         inputs,
         |(q, k, v)| fused_attention::forward_autodiff::<I, NoCheckpointing>(q, k, v, score_bias.as_ref()),
         |(q, k, v)| fused_attention::forward::<I>(q, k, v, score_bias.as_ref()),
+    )
+}
+
+/// Self-attention of the packed projection `qkv` `[B, N, 3·dim]` (q, k, v blocks, heads inside
+/// each, as the seed splits it) → `[B, N, dim]` with the heads merged. On the CPU backends one
+/// op that reads q, k and v where they lie; elsewhere heads are split and merged by burn ops.
+pub fn packed_self_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+    let qkv = if fused() {
+        let x = primitive(qkv);
+        let x = match try_backend::<B, NdArray, _, FloatTensor<Autodiff<NdArray>>, FloatTensor<NdArray>>(
+            x,
+            |x| token_attention::packed_autodiff::<NdArray, NoCheckpointing>(x, heads),
+            |x| token_attention::packed_forward::<NdArray>(&x, heads),
+        ) {
+            Ok(y) => return tensor(y),
+            Err(x) => x,
+        };
+        #[cfg(feature = "flex")]
+        let x = {
+            use burn::backend::Flex;
+            match try_backend::<B, Flex, _, FloatTensor<Autodiff<Flex>>, FloatTensor<Flex>>(
+                x,
+                |x| token_attention::packed_autodiff::<Flex, NoCheckpointing>(x, heads),
+                |x| token_attention::packed_forward::<Flex>(&x, heads),
+            ) {
+                Ok(y) => return tensor(y),
+                Err(x) => x,
+            }
+        };
+        tensor(x)
+    } else {
+        qkv
+    };
+    let [b, n, width] = qkv.dims();
+    let head_dim = width / 3 / heads;
+    // [B, N, 3, H, d] → [3, B, H, N, d].
+    let qkv = qkv.reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
+    let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, n, head_dim]);
+    crate::model::layers::merge_heads(attention(part(0), part(1), part(2), None))
+}
+
+/// Attention of q `[B, N, H·d]` over k `[B, M, H·d]` and v `[B, M, H·dv]` (token-major, as the
+/// linear layers give them) → `[B, N, H·dv]`, heads merged; `score_bias` as [`attention`]'s.
+pub fn multi_head_attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    score_bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 3> {
+    let (q, k, v) = if fused() {
+        let bias = score_bias.as_ref().map(|b| primitive(b.clone()));
+        let inputs: Triple<B> = (primitive(q), primitive(k), primitive(v));
+        let inputs = match separate_on::<B, NdArray>(inputs, bias.clone(), heads) {
+            Ok(out) => return tensor(out),
+            Err(inputs) => inputs,
+        };
+        #[cfg(feature = "flex")]
+        let inputs = match separate_on::<B, burn::backend::Flex>(inputs, bias.clone(), heads) {
+            Ok(out) => return tensor(out),
+            Err(inputs) => inputs,
+        };
+        (tensor(inputs.0), tensor(inputs.1), tensor(inputs.2))
+    } else {
+        (q, k, v)
+    };
+    use crate::model::layers::{merge_heads, split_heads};
+    merge_heads(attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), score_bias))
+}
+
+fn separate_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTensor<B>>, heads: usize) -> Result<FloatTensor<B>, Triple<B>> {
+    let Ok(score_bias) = score_bias_on::<B, I>(bias) else { return Err(inputs) };
+    try_backend::<B, I, _, Triple<Autodiff<I>>, Triple<I>>(
+        inputs,
+        |(q, k, v)| token_attention::separate_autodiff::<I, NoCheckpointing>(q, k, v, heads, score_bias.as_ref()),
+        |(q, k, v)| token_attention::separate_forward::<I>(&q, &k, &v, heads, score_bias.as_ref()),
     )
 }
 

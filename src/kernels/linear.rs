@@ -65,7 +65,7 @@ fn product_sizes(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) ->
 /// `out = lhs · rhs` (or `out += lhs · rhs` when `accumulate`), `out` row-major.
 pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
     let Some((m, k, n)) = product_sizes(lhs, rhs, out, accumulate) else { return };
-    if let Some(blas) = super::blas::openblas() {
+    if let Some(blas) = super::blas::blas() {
         if blas.matmul(lhs, rhs, out, accumulate).is_some() {
             return;
         }
@@ -113,6 +113,54 @@ fn gemm_crate(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool, paral
 pub fn matmul_serial(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
     if product_sizes(lhs, rhs, out, accumulate).is_some() {
         gemm_crate(lhs, rhs, out, accumulate, Parallelism::None);
+    }
+}
+
+/// `out = lhs · rhs` (or `out += lhs · rhs`) on the calling thread, into a row-major matrix
+/// whose rows are `out_row_stride` apart (a block of columns of a wider matrix).
+///
+/// # Safety
+/// `out` must be valid for writes of `lhs.rows` rows of `rhs.columns` values, `out_row_stride`
+/// apart, that no other thread touches meanwhile and that do not overlap `lhs` or `rhs`.
+pub unsafe fn matmul_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride: usize, accumulate: bool) {
+    assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in 0..m {
+                // SAFETY: inside the caller's rows.
+                unsafe { std::ptr::write_bytes(out.add(row * out_row_stride), 0, n) };
+            }
+        }
+        return;
+    }
+    // SAFETY: the operands' strides describe matrices inside their slices (`Matrix`), and the
+    // caller vouches for `out`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            1,
+            out_row_stride as isize,
+            accumulate,
+            lhs.values.as_ptr(),
+            lhs.column_stride as isize,
+            lhs.row_stride as isize,
+            rhs.values.as_ptr(),
+            rhs.column_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
     }
 }
 

@@ -25,7 +25,9 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let y = p * r2 + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // Wrapping: the dev profile checks overflow, and that check kept loops calling `exp` from
+    // vectorising (n + 127 stays in 0..=255 after the clamp).
+    let scale = f32::from_bits(((n as i32).wrapping_add(127) as u32) << 23);
     if x < EXP_MIN { 0.0 } else { y * scale }
 }
 

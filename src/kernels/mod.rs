@@ -13,9 +13,10 @@ mod cpu;
 mod dispatch;
 mod elementwise;
 mod linear;
+mod token_attention;
 pub mod math;
 
 pub use dispatch::{
-    adaln_modulate, attention, fused, gelu, host_tensor, host_values, is_host_backend, linear, linear_layer, set_fused, silu,
+    adaln_modulate, attention, fused, multi_head_attention, packed_self_attention, gelu, host_tensor, host_values, is_host_backend, linear, linear_layer, set_fused, silu,
 };
 pub use linear::{matmul, Matrix};

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use super::layers::{
-    attention, attention_weights, key_padding_bias, merge_heads, sincos_features, split_heads,
+    attention_weights, key_padding_bias, merge_heads, sincos_features, split_heads,
     xavier_linear, zero_linear, LayerNorm,
 };
 use crate::error::{Error, Result};
@@ -293,15 +293,8 @@ impl<B: Backend> SelfAttention<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, n, dim] = x.dims();
-        let head_dim = dim / self.heads;
-        // [B, N, 3, H, d] → [3, B, H, N, d], as the seed splits q, k, v.
-        let qkv = linear_layer(&self.qkv, x)
-            .reshape([b, n, 3, self.heads, head_dim])
-            .permute([2, 0, 3, 1, 4]);
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, head_dim]);
-        let y = attention(part(0), part(1), part(2), None);
-        linear_layer(&self.out, merge_heads(y))
+        // q, k, v are the qkv projection's thirds, heads inside each, as the seed splits them.
+        linear_layer(&self.out, crate::kernels::packed_self_attention(linear_layer(&self.qkv, x), self.heads))
     }
 }
 
@@ -333,12 +326,12 @@ impl<B: Backend> CrossAttention<B> {
         score_bias: Option<Tensor<B, 4>>,
         record: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
-        let q = split_heads(linear_layer(&self.q, x), self.heads);
-        let k = split_heads(linear_layer(&self.k, context.clone()), self.heads);
-        let v = split_heads(linear_layer(&self.v, context), self.heads);
+        let (q, k, v) = (linear_layer(&self.q, x), linear_layer(&self.k, context.clone()), linear_layer(&self.v, context));
         if !record {
-            return (linear_layer(&self.out, merge_heads(attention(q, k, v, score_bias))), None);
+            let attended = crate::kernels::multi_head_attention(q, k, v, self.heads, score_bias);
+            return (linear_layer(&self.out, attended), None);
         }
+        let (q, k, v) = (split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads));
         let weights = attention_weights(q, k, score_bias);
         let mean_over_heads = weights.clone().mean_dim(1).squeeze_dim::<3>(1);
         (linear_layer(&self.out, merge_heads(weights.matmul(v))), Some(mean_over_heads))
