@@ -69,6 +69,8 @@ pub struct BenchReport {
     pub clip_per_batch: bool,
     /// ditrun's fused CPU kernels (false under `--unfused`: burn's own ops).
     pub fused_kernels: bool,
+    /// The library the linear layers' products ran on (CPU backends; `DITRUN_BLAS`).
+    pub blas: &'static str,
     pub threads: usize,
     pub batch: usize,
     pub steps: usize,
@@ -138,6 +140,7 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collecti
         backend: options.backend,
         clip_per_batch: options.clip_per_batch,
         fused_kernels: crate::kernels::fused(),
+        blas: crate::kernels::blas::backend_name(),
         threads: options.threads,
         batch: options.batch,
         steps: options.steps,
