@@ -170,7 +170,12 @@ fn load(kind: BlasKind) -> Option<Blas> {
 impl Blas {
     /// `out = lhs · rhs (+ out when accumulate)`, each operand row-major or a transposed view
     /// of a row-major matrix (one of its strides is 1). `None` when a layout does not fit.
-    pub fn matmul(&self, lhs: super::Matrix, rhs: super::Matrix, out: &mut [f32], accumulate: bool) -> Option<()> {
+    /// Without `accumulate`, `out` is only written.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes (and reads when `accumulate`) of a row-major
+    /// `lhs.rows × rhs.columns` matrix that overlaps neither operand.
+    pub unsafe fn matmul(&self, lhs: super::Matrix, rhs: super::Matrix, out: *mut f32, accumulate: bool) -> Option<()> {
         let layout = |m: &super::Matrix| -> Option<(bool, usize)> {
             if m.column_stride == 1 {
                 Some((false, m.row_stride.max(m.columns.max(1))))
@@ -184,7 +189,7 @@ impl Blas {
         let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
         let beta = if accumulate { 1.0 } else { 0.0 };
         // SAFETY: the shapes and leading dimensions describe matrices inside the slices (the
-        // caller checked their lengths), and `out` is an exclusive borrow.
+        // caller checked their lengths), and the caller vouches for `out`.
         unsafe {
             match self.sgemm {
                 Sgemm::Cblas(sgemm) => {
@@ -202,7 +207,7 @@ impl Blas {
                         rhs.values.as_ptr(),
                         ldb as i32,
                         beta,
-                        out.as_mut_ptr(),
+                        out,
                         n.max(1) as i32,
                     )
                 }
@@ -220,7 +225,7 @@ impl Blas {
                         rhs.values.as_ptr(),
                         ldb as i64,
                         beta,
-                        out.as_mut_ptr(),
+                        out,
                         n.max(1) as i64,
                     );
                     if status != 0 {

@@ -64,9 +64,22 @@ fn product_sizes(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) ->
 
 /// `out = lhs · rhs` (or `out += lhs · rhs` when `accumulate`), `out` row-major.
 pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
-    let Some((m, k, n)) = product_sizes(lhs, rhs, out, accumulate) else { return };
+    if product_sizes(lhs, rhs, out, accumulate).is_some() {
+        // SAFETY: `out` is an exclusive borrow of the product's size (checked above).
+        unsafe { matmul_parallel(lhs, rhs, out.as_mut_ptr(), accumulate) };
+    }
+}
+
+/// The multi-threaded product into `out`, sizes already checked and non-empty.
+///
+/// # Safety
+/// `out` must be valid for writes (and reads when `accumulate`) of the `lhs.rows ×
+/// rhs.columns` row-major product, overlapping neither operand.
+unsafe fn matmul_parallel(lhs: Matrix, rhs: Matrix, out: *mut f32, accumulate: bool) {
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     if let Some(blas) = super::blas::blas() {
-        if blas.matmul(lhs, rhs, out, accumulate).is_some() {
+        // SAFETY: the caller's contract.
+        if unsafe { blas.matmul(lhs, rhs, out, accumulate) }.is_some() {
             return;
         }
     }
@@ -75,23 +88,63 @@ pub fn matmul(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
     } else {
         Parallelism::None
     };
-    gemm_crate(lhs, rhs, out, accumulate, parallelism);
+    // SAFETY: the caller's contract.
+    unsafe { gemm_raw(lhs, rhs, out, n, accumulate, parallelism) };
+}
+
+/// A buffer of `len` values whose memory is not zero-filled first: at the model's sizes that
+/// memset was 5 % of a training step, for values the product overwrites anyway.
+fn unfilled(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    let mut buffer = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` values need no initialisation.
+    unsafe { buffer.set_len(len) };
+    buffer
+}
+
+/// # Safety
+/// Every value of `buffer` must have been written.
+unsafe fn assume_filled(buffer: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut buffer = std::mem::ManuallyDrop::new(buffer);
+    // SAFETY: same allocation, layout and length; the caller vouches that all values are set.
+    unsafe { Vec::from_raw_parts(buffer.as_mut_ptr().cast::<f32>(), buffer.len(), buffer.capacity()) }
+}
+
+/// `lhs · rhs` as a new row-major buffer.
+pub fn product(lhs: Matrix, rhs: Matrix) -> Vec<f32> {
+    assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
+    let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out = unfilled(m * n);
+    // SAFETY: a fresh buffer of the product's size, written in full (no accumulate).
+    unsafe {
+        matmul_parallel(lhs, rhs, out.as_mut_ptr().cast::<f32>(), false);
+        assume_filled(out)
+    }
 }
 
 /// The `gemm` crate's product, shapes checked by the callers.
 fn gemm_crate(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool, parallelism: Parallelism) {
+    // SAFETY: `out` is an exclusive borrow of the `m × n` product (checked by the callers).
+    unsafe { gemm_raw(lhs, rhs, out.as_mut_ptr(), rhs.columns, accumulate, parallelism) }
+}
+
+/// # Safety
+/// `out` must be valid for writes (and reads when `accumulate`) of `lhs.rows` rows of
+/// `rhs.columns` values, `out_row_stride` apart, overlapping neither operand.
+unsafe fn gemm_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride: usize, accumulate: bool, parallelism: Parallelism) {
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
-    // SAFETY: the pointers and strides describe `m × k`, `k × n` and `m × n` matrices inside
-    // the slices (checked by the callers), and `out` does not overlap the inputs (a `&mut`
-    // borrow).
+    // SAFETY: the operands' strides describe matrices inside their slices (`Matrix`), and the
+    // caller vouches for `out`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
-            n as isize,
+            out_row_stride as isize,
             accumulate,
             lhs.values.as_ptr(),
             lhs.column_stride as isize,
@@ -137,41 +190,24 @@ pub unsafe fn matmul_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride
         }
         return;
     }
-    // SAFETY: the operands' strides describe matrices inside their slices (`Matrix`), and the
-    // caller vouches for `out`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out,
-            1,
-            out_row_stride as isize,
-            accumulate,
-            lhs.values.as_ptr(),
-            lhs.column_stride as isize,
-            lhs.row_stride as isize,
-            rhs.values.as_ptr(),
-            rhs.column_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    // SAFETY: the caller's contract.
+    unsafe { gemm_raw(lhs, rhs, out, out_row_stride, accumulate, Parallelism::None) }
 }
 
 /// `x [rows, k] · weight [k, n] + bias [n]`.
 pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
     let rows = x.len() / k;
-    let mut y = vec![0.0f32; rows * n];
-    if let Some(bias) = bias {
-        y.par_chunks_mut(n).with_min_len(64).for_each(|row| row.copy_from_slice(bias));
-    }
-    matmul(Matrix::row_major(x, rows, k), Matrix::row_major(weight, k, n), &mut y, bias.is_some());
+    let (x, weight) = (Matrix::row_major(x, rows, k), Matrix::row_major(weight, k, n));
+    let Some(bias) = bias else { return product(x, weight) };
+    let mut y = unfilled(rows * n);
+    y.par_chunks_mut(n.max(1)).with_min_len(64).for_each(|row| {
+        for (y, &b) in row.iter_mut().zip(bias) {
+            y.write(b);
+        }
+    });
+    // SAFETY: every row was set to the bias above.
+    let mut y = unsafe { assume_filled(y) };
+    matmul(x, weight, &mut y, true);
     y
 }
 
@@ -192,20 +228,12 @@ impl<B: CpuF32> Backward<B, 3> for LinearBackward {
         B::with_f32(&grad, |dy| {
             let dy_matrix = Matrix::row_major(dy, rows, n);
             if let Some(node) = x_node {
-                let dx = B::with_f32(&weight, |w| {
-                    let mut dx = vec![0.0f32; rows * k];
-                    matmul(dy_matrix, Matrix::row_major(w, k, n).transposed(), &mut dx, false);
-                    dx
-                })
+                let dx = B::with_f32(&weight, |w| product(dy_matrix, Matrix::row_major(w, k, n).transposed()))
                 .expect("the forward pass ran on f32");
                 grads.register::<B>(node.id, B::from_f32(dx, x_shape.clone()));
             }
             if let Some(node) = weight_node {
-                let dw = B::with_f32(&x, |x| {
-                    let mut dw = vec![0.0f32; k * n];
-                    matmul(Matrix::row_major(x, rows, k).transposed(), dy_matrix, &mut dw, false);
-                    dw
-                })
+                let dw = B::with_f32(&x, |x| product(Matrix::row_major(x, rows, k).transposed(), dy_matrix))
                 .expect("the forward pass ran on f32");
                 grads.register::<B>(node.id, B::from_f32(dw, Shape::new([k, n])));
             }
