@@ -174,6 +174,23 @@ impl SamplingArgs {
 
 #[derive(Subcommand)]
 enum InspectView {
+    /// How well a checkpoint trained on the synthetic set (the quickstart's coloured shapes)
+    /// follows its prompts: samples each of the 12 captions with the EMA weights and reads every
+    /// image's colour and shape back, printing the share right per caption and overall.
+    Shapes {
+        /// A checkpoint (`.../step-000001000`) or a checkpoint folder (its latest).
+        #[arg(long)]
+        checkpoint: String,
+        #[arg(long, default_value_t = 10)]
+        per_caption: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Also write the samples as a grid PNG, a row per caption.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cosine similarity of the text encoder's pooled embeddings of the prompts: a table on
     /// stdout (`--json` for machines) and, with --out, a labelled heat-map PNG.
     Similarity {
@@ -314,6 +331,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { view: None, target } => {
             let target = target.expect("clap requires a target without a subcommand");
             println!("{}", serde_json::to_string_pretty(&ditrun::inspect::inspect(&target)?)?);
+        }
+        Command::Inspect { view: Some(InspectView::Shapes { checkpoint, per_caption, sampling, out, json }), .. } => {
+            set_cpu_threads(all_cores());
+            let score = ditrun::sample::score_synthetic(&checkpoint, &sampling.options(per_caption), out.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&score)?);
+            } else {
+                println!("{}", score.table());
+            }
         }
         Command::Inspect { view: Some(InspectView::Similarity { checkpoint, job, prompts, out, json }), .. } => {
             set_cpu_threads(all_cores());

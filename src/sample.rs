@@ -214,3 +214,79 @@ fn file_stem(prompt: &str) -> String {
     let stem = stem.split('-').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("-");
     if stem.is_empty() { "empty-prompt".into() } else { stem.chars().take(80).collect() }
 }
+
+/// How often samples of one caption of the synthetic set show its colour and its shape.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CaptionScore {
+    pub caption: String,
+    pub samples: usize,
+    pub colour: f64,
+    pub shape: f64,
+    /// Colour and shape both right.
+    pub both: f64,
+}
+
+/// [`score_synthetic`]'s report: per caption, then over all samples.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SyntheticScore {
+    pub captions: Vec<CaptionScore>,
+    pub samples: usize,
+    pub colour: f64,
+    pub shape: f64,
+    pub both: f64,
+}
+
+impl SyntheticScore {
+    /// A Markdown table, one row per caption and a total.
+    pub fn table(&self) -> String {
+        let mut lines = vec!["| caption | samples | colour | shape | both |".to_string(), "|---|---|---|---|---|".to_string()];
+        for c in &self.captions {
+            lines.push(format!("| {} | {} | {:.2} | {:.2} | {:.2} |", c.caption, c.samples, c.colour, c.shape, c.both));
+        }
+        lines.push(format!("| **all** | {} | {:.2} | {:.2} | {:.2} |", self.samples, self.colour, self.shape, self.both));
+        lines.join("\n")
+    }
+}
+
+/// Samples every caption of the synthetic set (`options.per_prompt` times each) with the
+/// checkpoint's EMA weights and reads colour and shape back from each image
+/// ([`crate::data::synthetic::recognise`]). With `grid`, also writes the samples as one PNG,
+/// a row per caption.
+pub fn score_synthetic(checkpoint: &str, options: &SampleOptions, grid: Option<&Path>) -> Result<SyntheticScore> {
+    use crate::data::synthetic::{colour_and_shape, recognise, synthetic_captions};
+    let captions = synthetic_captions();
+    let request = SampleRequest { checkpoint: checkpoint.to_string(), prompts: captions.clone(), options: options.clone() };
+    let (job, images) = with_checkpoint(checkpoint, Generate(&request))?;
+    let (size, channels) = (job.model.image_size, job.model.channels);
+    if channels != 3 {
+        return Err(Error::Config(format!(
+            "{checkpoint}: the synthetic set's colours are read from RGB images, and this model makes {channels}-channel ones"
+        )));
+    }
+    if let Some(path) = grid {
+        let pixels: Vec<Vec<u8>> = images.iter().map(|i| i.pixels.clone()).collect();
+        let (canvas, height, width) = crate::metrics::image_grid(&pixels, size, size, channels, options.per_prompt);
+        write_png(path, &canvas, height, width, channels)?;
+    }
+    let mut per_caption = Vec::new();
+    let (mut colour_total, mut shape_total, mut both_total) = (0usize, 0usize, 0usize);
+    for (label, caption) in captions.iter().enumerate() {
+        let (colour, shape) = colour_and_shape(label);
+        let seen: Vec<_> = images.iter().filter(|i| &i.prompt == caption).map(|i| recognise(&i.pixels, size)).collect();
+        let colour_right = seen.iter().filter(|r| r.colour == Some(colour)).count();
+        let shape_right = seen.iter().filter(|r| r.shape == Some(shape)).count();
+        let both_right = seen.iter().filter(|r| r.colour == Some(colour) && r.shape == Some(shape)).count();
+        let share = |n: usize| n as f64 / seen.len().max(1) as f64;
+        per_caption.push(CaptionScore {
+            caption: caption.clone(),
+            samples: seen.len(),
+            colour: share(colour_right),
+            shape: share(shape_right),
+            both: share(both_right),
+        });
+        (colour_total, shape_total, both_total) = (colour_total + colour_right, shape_total + shape_right, both_total + both_right);
+    }
+    let samples = images.len();
+    let share = |n: usize| n as f64 / samples.max(1) as f64;
+    Ok(SyntheticScore { captions: per_caption, samples, colour: share(colour_total), shape: share(shape_total), both: share(both_total) })
+}

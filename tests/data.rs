@@ -524,6 +524,28 @@ fn synthetic_captions_match_what_is_drawn() {
     }
 }
 
+/// The reader that scores generated samples (`ditrun inspect shapes`) reads every real sample's
+/// colour and shape right, including ones with noise added, and sees nothing in background.
+#[test]
+fn recognise_reads_the_colour_and_shape_of_real_samples() {
+    use ditrun::data::synthetic::recognise;
+    let mut rng = 12345u64;
+    let mut noise = move || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((rng >> 33) % 31) as i16 - 15
+    };
+    for sample in synthetic(240, 32, 3, 42) {
+        let (colour, shape) = colour_and_shape(sample.label as usize);
+        let seen = recognise(&sample.pixels, 32);
+        assert_eq!((seen.colour, seen.shape), (Some(colour), Some(shape)), "{}", sample.caption);
+        let noisy: Vec<u8> = sample.pixels.iter().map(|&v| (v as i16 + noise()).clamp(0, 255) as u8).collect();
+        let seen = recognise(&noisy, 32);
+        assert_eq!((seen.colour, seen.shape), (Some(colour), Some(shape)), "{} with noise", sample.caption);
+    }
+    let background = vec![60u8; 32 * 32 * 3];
+    assert_eq!(recognise(&background, 32).shape, None);
+}
+
 /// In one channel, every shape pixel lies in its colour's own band of gray levels.
 #[test]
 fn synthetic_grayscale_tells_colours_apart() {

@@ -131,16 +131,17 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Large enough to read at 32×32 (a quarter to four fifths of the image across) and
-    /// always entirely inside the image.
+    /// Large enough to read at 32×32 (about half to four fifths of the image across), near the
+    /// centre (within a twelfth of the image) and always entirely inside it. Large, centred
+    /// shapes are what a small model learns the shape words from within the quickstart's few
+    /// minutes; shapes anywhere at any size left it drawing coloured blobs
+    /// (`shared/bench/quickstart-recipe.md`).
     fn random(rng: &mut StdRng, size: f32, shape: &'static str) -> Self {
-        let r = (size * rng.random_range(0.22..0.40)).max(1.0);
+        let r = (size * rng.random_range(0.26..0.40)).max(1.0);
+        let shift = size / 12.0;
         let centre = |rng: &mut StdRng| {
-            if size - r > r {
-                rng.random_range(r..size - r)
-            } else {
-                size / 2.0
-            }
+            let c = size / 2.0 + rng.random_range(-shift..=shift);
+            if size - r > r { c.clamp(r, size - r) } else { size / 2.0 }
         };
         let (cx, cy) = (centre(rng), centre(rng));
         Self { shape, cx, cy, r }
@@ -150,8 +151,9 @@ impl Geometry {
         let (dx, dy) = (x - self.cx, y - self.cy);
         match self.shape {
             "circle" => dx * dx + dy * dy <= self.r * self.r,
-            // 0.85 gives the square about the circle's area, so size alone does not tell them apart.
-            "square" => dx.abs() <= 0.85 * self.r && dy.abs() <= 0.85 * self.r,
+            // The circle's bounding box: the two differ by their corners, which a small model
+            // learned to draw only when the corners reached as far out as the circle does.
+            "square" => dx.abs() <= self.r && dy.abs() <= self.r,
             // Apex up, base at the bottom of the bounding box.
             _ => {
                 let depth = (dy + self.r) / (2.0 * self.r);
@@ -159,4 +161,79 @@ impl Geometry {
             }
         }
     }
+}
+
+/// What [`recognise`] reads off an image: the nearest colour and the best-fitting shape of
+/// its bright pixels, or `None` where nothing stands out from the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recognised {
+    pub colour: Option<usize>,
+    pub shape: Option<usize>,
+}
+
+/// A pixel belongs to the shape when its brightest channel is above this: halfway between the
+/// brightest background (≤ [`BACKGROUND_MAX`]) and the dimmest main channel of a colour.
+const SHAPE_THRESHOLD: u8 = 140;
+
+/// Reads the colour and shape of an RGB image (`size × size × 3`, channels last) as the
+/// synthetic set draws them, so that generated samples can be scored against their captions:
+/// the pixels brighter than the background form a mask; its mean colour picks the nearest of
+/// [`COLOURS`], and the shape is the one whose outline, fitted to the mask (position and
+/// size), overlaps it best (intersection over union). Noise and stray pixels count against a
+/// sample, as an eye would count them.
+pub fn recognise(pixels: &[u8], size: usize) -> Recognised {
+    assert_eq!(pixels.len(), size * size * 3, "an RGB image of {size}×{size}");
+    let mask: Vec<bool> = pixels.chunks_exact(3).map(|p| p.iter().max().is_some_and(|&v| v > SHAPE_THRESHOLD)).collect();
+    let count = mask.iter().filter(|&&m| m).count();
+    if count < 4 {
+        return Recognised { colour: None, shape: None };
+    }
+    let mut sum = [0u64; 3];
+    let (mut x0, mut x1, mut y0, mut y1) = (size, 0, size, 0);
+    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+        let (x, y) = (i % size, i / size);
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+        for (s, &v) in sum.iter_mut().zip(&pixels[3 * i..3 * i + 3]) {
+            *s += v as u64;
+        }
+    }
+    let mean = sum.map(|s| s as f32 / count as f32);
+    let colour = (0..COLOURS.len()).min_by(|&a, &b| {
+        let distance = |c: usize| COLOURS[c].1.iter().zip(mean).map(|(&v, m)| (v as f32 - m).powi(2)).sum::<f32>();
+        distance(a).total_cmp(&distance(b))
+    });
+    let (width, height) = ((x1 - x0 + 1) as f32, (y1 - y0 + 1) as f32);
+    let (cx, cy) = (x0 as f32 + width / 2.0, y0 as f32 + height / 2.0);
+    let size_f = size as f32;
+    // Each outline is fitted to the mask by a small search over its centre (around the mask's
+    // bounding box's) and size: a few stray pixels then move neither, as they would the box.
+    let step = if size >= 24 { 1.0 } else { 0.5 };
+    let reach = (size_f / 8.0 / step).round() as i32;
+    let best_overlap = |shape: &'static str| {
+        let mut best = 0.0f32;
+        for dy in -reach..=reach {
+            for dx in -reach..=reach {
+                let mut r = size_f * 0.15;
+                while r <= size_f * 0.5 {
+                    let geometry = Geometry { shape, cx: cx + dx as f32 * step, cy: cy + dy as f32 * step, r };
+                    best = best.max(overlap(&geometry, &mask, size));
+                    r += 0.5;
+                }
+            }
+        }
+        best
+    };
+    let shape = (0..SHAPES.len()).max_by(|&a, &b| best_overlap(SHAPES[a]).total_cmp(&best_overlap(SHAPES[b])));
+    Recognised { colour, shape }
+}
+
+/// Intersection over union of `geometry`'s pixels and `mask`.
+fn overlap(geometry: &Geometry, mask: &[bool], size: usize) -> f32 {
+    let (mut both, mut either) = (0usize, 0usize);
+    for (i, &m) in mask.iter().enumerate() {
+        let inside = geometry.contains((i % size) as f32 + 0.5, (i / size) as f32 + 0.5);
+        both += (inside && m) as usize;
+        either += (inside || m) as usize;
+    }
+    both as f32 / either.max(1) as f32
 }
