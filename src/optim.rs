@@ -193,8 +193,12 @@ impl HostAdamW {
             .iter()
             .map(|(&id, state)| {
                 let range = state.offset..state.offset + state.len;
-                let (first, second) = (self.first[range.clone()].to_vec(), self.second[range].to_vec());
-                (id, record_of::<B>(state.time, first, second, &state.dims, &device))
+                let moments = FlatMoments {
+                    time: state.time,
+                    first: self.first[range.clone()].to_vec(),
+                    second: self.second[range].to_vec(),
+                };
+                (id, record_of::<B>(moments, &state.dims, &device))
             })
             .collect()
     }
@@ -216,18 +220,21 @@ impl HostAdamW {
     }
 }
 
-/// burn's record of one parameter of shape `dims`.
-fn record_of<B: AutodiffBackend>(
+/// One parameter's state, flattened.
+struct FlatMoments {
     time: usize,
     first: Vec<f32>,
     second: Vec<f32>,
+}
+
+/// burn's record of one parameter of shape `dims`.
+fn record_of<B: AutodiffBackend>(
+    moments: FlatMoments,
     dims: &[usize],
     device: &burn::tensor::Device<B::InnerBackend>,
 ) -> AdaptorRecord<AdamW, B> {
     fn at_rank<B: AutodiffBackend, const D: usize>(
-        time: usize,
-        first: Vec<f32>,
-        second: Vec<f32>,
+        FlatMoments { time, first, second }: FlatMoments,
         dims: &[usize],
         device: &burn::tensor::Device<B::InnerBackend>,
     ) -> AdaptorRecord<AdamW, B> {
@@ -236,15 +243,15 @@ fn record_of<B: AutodiffBackend>(
         AdaptorRecord::from_state(AdamWState { momentum })
     }
     match dims.len() {
-        0 => at_rank::<B, 0>(time, first, second, dims, device),
-        1 => at_rank::<B, 1>(time, first, second, dims, device),
-        2 => at_rank::<B, 2>(time, first, second, dims, device),
-        3 => at_rank::<B, 3>(time, first, second, dims, device),
-        4 => at_rank::<B, 4>(time, first, second, dims, device),
-        5 => at_rank::<B, 5>(time, first, second, dims, device),
-        6 => at_rank::<B, 6>(time, first, second, dims, device),
-        7 => at_rank::<B, 7>(time, first, second, dims, device),
-        8 => at_rank::<B, 8>(time, first, second, dims, device),
+        0 => at_rank::<B, 0>(moments, dims, device),
+        1 => at_rank::<B, 1>(moments, dims, device),
+        2 => at_rank::<B, 2>(moments, dims, device),
+        3 => at_rank::<B, 3>(moments, dims, device),
+        4 => at_rank::<B, 4>(moments, dims, device),
+        5 => at_rank::<B, 5>(moments, dims, device),
+        6 => at_rank::<B, 6>(moments, dims, device),
+        7 => at_rank::<B, 7>(moments, dims, device),
+        8 => at_rank::<B, 8>(moments, dims, device),
         rank => panic!("burn's optimizer records hold parameters of rank 8 at most, not {rank}"),
     }
 }
