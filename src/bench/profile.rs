@@ -13,7 +13,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 use serde::Serialize;
 
-use crate::model::layers::{key_padding_bias, merge_heads, split_heads};
+use crate::model::layers::key_padding_bias;
 use crate::model::TextDiTConfig;
 
 #[derive(Clone, Debug, Serialize)]
@@ -128,31 +128,24 @@ pub fn profile<AB: AutodiffBackend>(config: &TextDiTConfig, batch: usize, contex
         profiler.add("matmul (linear)", format!("{what}: [{m}, {k}] x [{k}, {n}]"), calls, time(|| crate::kernels::linear_layer(&layer, x.clone())));
     }
 
-    // Attention cores: scores, mask, softmax, weighted sum (plus the head split and merge).
-    let head_dim = dim / heads;
-    let q = normal::<AB, 4>([batch, heads, tokens, head_dim]);
-    let kv_self = normal::<AB, 4>([batch, heads, tokens, head_dim]);
+    // Attention as the model runs it: heads read from and written to the token-major rows of
+    // the projections (no split or merge copies).
+    let qkv = normal::<AB, 3>([batch, tokens, 3 * dim]);
     profiler.add(
         "attention core",
-        format!("self: [{batch}, {heads}, {tokens}, {tokens}] scores"),
+        format!("self: packed qkv [{batch}, {tokens}, {}], {heads} heads", 3 * dim),
         depth,
-        time(|| crate::model::layers::attention(q.clone(), kv_self.clone(), kv_self.clone(), None)),
+        time(|| crate::kernels::packed_self_attention(qkv.clone(), heads)),
     );
-    let kv_cross = normal::<AB, 4>([batch, heads, context_tokens, head_dim]);
+    let q = normal::<AB, 3>([batch, tokens, dim]);
+    let kv_cross = normal::<AB, 3>([batch, context_tokens, dim]);
     let mask = Tensor::<AB, 2, Int>::ones([batch, context_tokens], &device).equal_elem(1);
     let bias = key_padding_bias(mask);
     profiler.add(
         "attention core",
-        format!("cross: [{batch}, {heads}, {tokens}, {context_tokens}] scores, padding mask"),
+        format!("cross: [{batch}, {tokens}, {dim}] over [{batch}, {context_tokens}, {dim}], padding mask"),
         depth,
-        time(|| crate::model::layers::attention(q.clone(), kv_cross.clone(), kv_cross.clone(), Some(bias.clone()))),
-    );
-    let packed = normal::<AB, 3>([batch, tokens, dim]);
-    profiler.add(
-        "head split + merge",
-        format!("[{batch}, {tokens}, {dim}] <-> [{batch}, {heads}, {tokens}, {head_dim}]"),
-        2 * depth,
-        time(|| merge_heads(split_heads(packed.clone(), heads))),
+        time(|| crate::kernels::multi_head_attention(q.clone(), kv_cross.clone(), kv_cross.clone(), heads, Some(bias.clone()))),
     );
 
     // Element-wise and normalisation.
