@@ -17,7 +17,10 @@ use std::marker::PhantomData;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
-use burn::optim::{AdaptiveMomentumState, AdamW, AdamWConfig, AdamWState, GradientsParams, MultiGradientsParams, Optimizer};
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, MultiGradientsParams,
+    Optimizer,
+};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
@@ -42,7 +45,12 @@ pub struct AdamWSettings {
 impl AdamWSettings {
     /// PyTorch's `AdamW(lr, weight_decay=0.01)` defaults, which `torch_baseline.py` uses.
     pub fn bench() -> Self {
-        Self { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay: 0.01 }
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 
     fn burn_config(&self) -> AdamWConfig {
@@ -56,11 +64,19 @@ impl AdamWSettings {
     /// The fused optimizer on the CPU backends, burn's elsewhere.
     pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(&self) -> FusedAdamW<M, B> {
         let engine = if is_host_backend::<B::InnerBackend>() {
-            Engine::Host(HostAdamW { settings: *self, states: HashMap::new(), first: Vec::new(), second: Vec::new() })
+            Engine::Host(HostAdamW {
+                settings: *self,
+                states: HashMap::new(),
+                first: Vec::new(),
+                second: Vec::new(),
+            })
         } else {
             Engine::Burn(Box::new(self.burn_config().init::<B, M>()))
         };
-        FusedAdamW { engine, _module: PhantomData }
+        FusedAdamW {
+            engine,
+            _module: PhantomData,
+        }
     }
 }
 
@@ -83,7 +99,10 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Clone for FusedAdamW<M, B> {
             Engine::Host(host) => Engine::Host(host.clone()),
             Engine::Burn(burn) => Engine::Burn(burn.clone()),
         };
-        Self { engine, _module: PhantomData }
+        Self {
+            engine,
+            _module: PhantomData,
+        }
     }
 }
 
@@ -98,11 +117,16 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> FusedAdamW<M, B> {
 #[derive(Clone, Debug)]
 struct ParamState {
     offset: usize,
-    len: usize,
     /// The parameter's shape: its record keeps the parameter's rank, as burn's does.
     dims: Vec<usize>,
     /// Steps taken (burn's `time`).
     time: usize,
+}
+
+impl ParamState {
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
 }
 
 #[derive(Clone)]
@@ -124,9 +148,21 @@ impl HostAdamW {
     /// The state of `id` (`len` values), placed at the end of the buffers when new.
     fn state_of(&mut self, id: ParamId, dims: Vec<usize>) -> ParamState {
         let offset = self.first.len();
-        let len = dims.iter().product();
-        let state = self.states.entry(id).or_insert_with(|| ParamState { offset, len, dims, time: 0 }).clone();
-        assert_eq!(state.len, len, "the optimizer state of parameter {id} has another size than the parameter");
+        let len: usize = dims.iter().product();
+        let state = self
+            .states
+            .entry(id)
+            .or_insert_with(|| ParamState {
+                offset,
+                dims,
+                time: 0,
+            })
+            .clone();
+        assert_eq!(
+            state.len(),
+            len,
+            "the optimizer state of parameter {id} has another size than the parameter"
+        );
         if state.offset == offset {
             self.first.resize(offset + len, 0.0);
             self.second.resize(offset + len, 0.0);
@@ -143,7 +179,14 @@ impl HostAdamW {
             let mut state = self.state_of(entry.id, entry.value.shape().as_slice().to_vec());
             state.time += 1;
             self.states.insert(entry.id, state.clone());
-            let step = AdamWStep::new(settings.beta_1, settings.beta_2, settings.epsilon, settings.weight_decay, lr, state.time);
+            let step = AdamWStep::new(
+                settings.beta_1,
+                settings.beta_2,
+                settings.epsilon,
+                settings.weight_decay,
+                lr,
+                state.time,
+            );
             let value = primitive_values::<B>(&entry.value);
             let grad = primitive_values::<B>(grad);
             work.push((state, step, value, grad));
@@ -151,7 +194,10 @@ impl HostAdamW {
         // Parameters in offset order, so the moment buffers split into disjoint slices.
         let mut order: Vec<usize> = (0..work.len()).collect();
         order.sort_by_key(|&i| work[i].0.offset);
-        let mut outputs: Vec<Vec<f32>> = work.iter().map(|(state, ..)| vec![0.0f32; state.len]).collect();
+        let mut outputs: Vec<Vec<f32>> = work
+            .iter()
+            .map(|(state, ..)| vec![0.0f32; state.len()])
+            .collect();
         {
             let mut tasks = Vec::new();
             let (mut first, mut second) = (&mut self.first[..], &mut self.second[..]);
@@ -161,12 +207,12 @@ impl HostAdamW {
                 let (state, step, value, grad) = &work[i];
                 let skip = state.offset - consumed;
                 let (_, rest) = std::mem::take(&mut first).split_at_mut(skip);
-                let (mine_first, rest) = rest.split_at_mut(state.len);
+                let (mine_first, rest) = rest.split_at_mut(state.len());
                 first = rest;
                 let (_, rest) = std::mem::take(&mut second).split_at_mut(skip);
-                let (mine_second, rest) = rest.split_at_mut(state.len);
+                let (mine_second, rest) = rest.split_at_mut(state.len());
                 second = rest;
-                consumed = state.offset + state.len;
+                consumed = state.offset + state.len();
                 let out = out_slots[i].take().expect("each entry once");
                 for ((((out, value), grad), m), v) in out
                     .chunks_mut(CHUNK)
@@ -178,12 +224,21 @@ impl HostAdamW {
                     tasks.push((step, value, grad, m, v, out));
                 }
             }
-            tasks.into_par_iter().for_each(|(step, value, grad, m, v, out)| adamw_update(step, value, grad, m, v, out));
+            tasks
+                .into_par_iter()
+                .for_each(|(step, value, grad, m, v, out)| {
+                    adamw_update(step, value, grad, m, v, out)
+                });
         }
         let mut outputs = outputs.into_iter();
         entries
             .iter()
-            .map(|entry| entry.grad.as_ref().map(|_| outputs.next().expect("one output per gradient")))
+            .map(|entry| {
+                entry
+                    .grad
+                    .as_ref()
+                    .map(|_| outputs.next().expect("one output per gradient"))
+            })
             .collect()
     }
 
@@ -192,7 +247,7 @@ impl HostAdamW {
         self.states
             .iter()
             .map(|(&id, state)| {
-                let range = state.offset..state.offset + state.len;
+                let range = state.offset..state.offset + state.len();
                 let moments = FlatMoments {
                     time: state.time,
                     first: self.first[range.clone()].to_vec(),
@@ -215,7 +270,7 @@ impl HostAdamW {
             let offset = self.first.len();
             self.first.extend_from_slice(&first);
             self.second.extend_from_slice(&second);
-            self.states.insert(id, ParamState { offset, len: first.len(), dims, time });
+            self.states.insert(id, ParamState { offset, dims, time });
         }
     }
 }
@@ -234,12 +289,23 @@ fn record_of<B: AutodiffBackend>(
     device: &burn::tensor::Device<B::InnerBackend>,
 ) -> AdaptorRecord<AdamW, B> {
     fn at_rank<B: AutodiffBackend, const D: usize>(
-        FlatMoments { time, first, second }: FlatMoments,
+        FlatMoments {
+            time,
+            first,
+            second,
+        }: FlatMoments,
         dims: &[usize],
         device: &burn::tensor::Device<B::InnerBackend>,
     ) -> AdaptorRecord<AdamW, B> {
-        let tensor = |values: Vec<f32>| Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, dims.to_vec()), device);
-        let momentum = AdaptiveMomentumState { time, moment_1: tensor(first), moment_2: tensor(second), max_moment_2: None };
+        let tensor = |values: Vec<f32>| {
+            Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, dims.to_vec()), device)
+        };
+        let momentum = AdaptiveMomentumState {
+            time,
+            moment_1: tensor(first),
+            moment_2: tensor(second),
+            max_moment_2: None,
+        };
         AdaptorRecord::from_state(AdamWState { momentum })
     }
     match dims.len() {
@@ -257,11 +323,20 @@ fn record_of<B: AutodiffBackend>(
 }
 
 /// The step count, shape and both moments of one parameter's record, flattened.
-fn flatten_record<B: AutodiffBackend>(record: AdaptorRecord<AdamW, B>) -> (usize, Vec<usize>, Vec<f32>, Vec<f32>) {
-    fn flat<B: Backend, const D: usize>(state: AdamWState<B, D>) -> (usize, Vec<usize>, Vec<f32>, Vec<f32>) {
+fn flatten_record<B: AutodiffBackend>(
+    record: AdaptorRecord<AdamW, B>,
+) -> (usize, Vec<usize>, Vec<f32>, Vec<f32>) {
+    fn flat<B: Backend, const D: usize>(
+        state: AdamWState<B, D>,
+    ) -> (usize, Vec<usize>, Vec<f32>, Vec<f32>) {
         let m = state.momentum;
         let dims = m.moment_1.dims().to_vec();
-        let values = |t: Tensor<B, D>| t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 moments");
+        let values = |t: Tensor<B, D>| {
+            t.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 moments")
+        };
         (m.time, dims, values(m.moment_1), values(m.moment_2))
     }
     use burn::optim::record::AdaptorRecordV1 as V1;
@@ -291,19 +366,31 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Optimizer<M, B> for FusedAdamW<M,
             Engine::Burn(burn) => return burn.step(lr, module, grads),
             Engine::Host(host) => host,
         };
-        let mut collect = Collect::<B> { grads: &mut grads, entries: Vec::new() };
+        let mut collect = Collect::<B> {
+            grads: &mut grads,
+            entries: Vec::new(),
+        };
         module.visit(&mut collect);
         let entries = collect.entries;
         let updated = host.update(lr, &entries);
-        let values = entries.into_iter().zip(updated).map(|(e, v)| (e.id, v)).collect();
-        let mut replace = Replace::<B> { values, _backend: PhantomData };
+        let values = entries
+            .into_iter()
+            .zip(updated)
+            .map(|(e, v)| (e.id, v))
+            .collect();
+        let mut replace = Replace::<B> {
+            values,
+            _backend: PhantomData,
+        };
         module.map(&mut replace)
     }
 
     fn step_multi(&mut self, lr: f64, module: M, grads: MultiGradientsParams) -> M {
         match &mut self.engine {
             Engine::Burn(burn) => burn.step_multi(lr, module, grads),
-            Engine::Host(_) => panic!("the fused AdamW takes one device's gradients (ditrun averages them itself)"),
+            Engine::Host(_) => {
+                panic!("the fused AdamW takes one device's gradients (ditrun averages them itself)")
+            }
         }
     }
 
@@ -335,8 +422,15 @@ struct Collect<'a, B: AutodiffBackend> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let value = param.val().inner().into_primitive().tensor();
-        let grad = self.grads.remove::<B::InnerBackend, D>(param.id).map(|g| g.into_primitive().tensor());
-        self.entries.push(Entry { id: param.id, value, grad });
+        let grad = self
+            .grads
+            .remove::<B::InnerBackend, D>(param.id)
+            .map(|g| g.into_primitive().tensor());
+        self.entries.push(Entry {
+            id: param.id,
+            value,
+            grad,
+        });
     }
 }
 
@@ -355,7 +449,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Replace<B> {
         let shape: Shape = tensor.shape();
         let require_grad = tensor.is_require_grad();
         let inner = host_tensor::<B::InnerBackend>(values, shape).expect("a CPU backend");
-        let mut updated = Tensor::<B, D>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(inner)));
+        let mut updated =
+            Tensor::<B, D>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(inner)));
         if require_grad {
             updated = updated.require_grad();
         }

@@ -11,7 +11,12 @@ use ditrun::model::{TextConditionalDiT, TextDiTConfig};
 use ditrun::optim::AdamWSettings;
 use ditrun::train::with_path_ids;
 
-const SETTINGS: AdamWSettings = AdamWSettings { beta_1: 0.9, beta_2: 0.99, epsilon: 1e-8, weight_decay: 0.03 };
+const SETTINGS: AdamWSettings = AdamWSettings {
+    beta_1: 0.9,
+    beta_2: 0.99,
+    epsilon: 1e-8,
+    weight_decay: 0.03,
+};
 
 fn burn_adamw() -> AdamWConfig {
     AdamWConfig::new()
@@ -23,7 +28,12 @@ fn burn_adamw() -> AdamWConfig {
 
 fn tiny<AB: AutodiffBackend>() -> TextConditionalDiT<AB> {
     AB::seed(&Default::default(), 7);
-    let config = TextDiTConfig::new().with_image_size(8).with_dim(32).with_depth(2).with_heads(4).with_context_dim(16);
+    let config = TextDiTConfig::new()
+        .with_image_size(8)
+        .with_dim(32)
+        .with_depth(2)
+        .with_heads(4)
+        .with_context_dim(16);
     with_path_ids(config.init::<AB>(&Default::default()).unwrap())
 }
 
@@ -43,7 +53,8 @@ fn values<AB: AutodiffBackend>(model: &TextConditionalDiT<AB>) -> Vec<Vec<f32>> 
     struct Collect<'a>(&'a mut Vec<Vec<f32>>);
     impl<B: Backend> burn::module::ModuleVisitor<B> for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
-            self.0.push(param.val().into_data().to_vec::<f32>().unwrap());
+            self.0
+                .push(param.val().into_data().to_vec::<f32>().unwrap());
         }
     }
     model.valid().visit(&mut Collect(&mut out));
@@ -53,8 +64,17 @@ fn values<AB: AutodiffBackend>(model: &TextConditionalDiT<AB>) -> Vec<Vec<f32>> 
 fn assert_same_bits(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
     assert_eq!(a.len(), b.len());
     for (i, (a, b)) in a.iter().zip(b).enumerate() {
-        let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-        assert_eq!(differing, 0, "{what}: parameter {i} differs in {differing} of {} values", a.len());
+        let differing = a
+            .iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "{what}: parameter {i} differs in {differing} of {} values",
+            a.len()
+        );
     }
 }
 
@@ -71,7 +91,11 @@ fn same_bits_as_burn<AB: AutodiffBackend>() {
         fused_model = fused.step(lr, fused_model, grads);
         let grads = grads_at(&burn_model, step);
         burn_model = reference.step(lr, burn_model, grads);
-        assert_same_bits(&values(&fused_model), &values(&burn_model), &format!("after step {}", step + 1));
+        assert_same_bits(
+            &values(&fused_model),
+            &values(&burn_model),
+            &format!("after step {}", step + 1),
+        );
     }
     let before = values(&tiny::<AB>());
     assert_ne!(before, values(&fused_model), "the parameters moved");
@@ -114,12 +138,20 @@ fn a_state_saved_by_burns_adamw_resumes_in_the_fused_one_and_back() {
     // fused record back into burn's (a new checkpoint read by an older ditrun), 3 more.
     let mut old = burn_adamw().init::<AB, TextConditionalDiT<AB>>();
     let model = run(tiny(), &mut old, 0, 4);
-    let mut fused = SETTINGS.init::<AB, TextConditionalDiT<AB>>().load_record(old.to_record());
+    let mut fused = SETTINGS
+        .init::<AB, TextConditionalDiT<AB>>()
+        .load_record(old.to_record());
     let model = run(model, &mut fused, 4, 3);
-    let mut back = burn_adamw().init::<AB, TextConditionalDiT<AB>>().load_record(fused.to_record());
+    let mut back = burn_adamw()
+        .init::<AB, TextConditionalDiT<AB>>()
+        .load_record(fused.to_record());
     let resumed = run(model, &mut back, 7, 3);
 
-    assert_same_bits(&values(&straight), &values(&resumed), "resumed across both optimizers");
+    assert_same_bits(
+        &values(&straight),
+        &values(&resumed),
+        "resumed across both optimizers",
+    );
 }
 
 #[test]
@@ -130,17 +162,26 @@ fn parameters_without_a_gradient_keep_their_value_and_state() {
     let before = values(&model);
     let mut grads = grads_at(&model, 2);
     let frozen = model.final_proj.weight.id;
-    grads.remove::<burn::backend::NdArray, 2>(frozen).expect("the final projection has a gradient");
+    grads
+        .remove::<burn::backend::NdArray, 2>(frozen)
+        .expect("the final projection has a gradient");
     let record_before = fused.to_record();
     model = fused.step(1e-3, model, grads);
     let after = values(&model);
-    let index = burn::module::list_param_ids(&model).iter().position(|id| *id == frozen).unwrap();
+    let index = burn::module::list_param_ids(&model)
+        .iter()
+        .position(|id| *id == frozen)
+        .unwrap();
     assert_eq!(before[index], after[index], "no gradient, no change");
     assert_ne!(before[0], after[0], "the others moved");
     let record_after = fused.to_record();
     let time = |record: &burn::optim::record::AdaptorRecord<burn::optim::AdamW, AB>| {
         record.clone().into_state::<2>().momentum.time
     };
-    assert_eq!(time(&record_before[&frozen]), time(&record_after[&frozen]), "its step count stays");
+    assert_eq!(
+        time(&record_before[&frozen]),
+        time(&record_after[&frozen]),
+        "its step count stays"
+    );
     let _ = model.valid().num_params();
 }

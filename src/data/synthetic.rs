@@ -223,7 +223,8 @@ pub fn recognise(pixels: &[u8], size: usize) -> Recognised {
         }
         best
     };
-    let shape = (0..SHAPES.len()).max_by(|&a, &b| best_overlap(SHAPES[a]).total_cmp(&best_overlap(SHAPES[b])));
+    let overlaps = SHAPES.map(best_overlap);
+    let shape = (0..SHAPES.len()).max_by(|&a, &b| overlaps[a].total_cmp(&overlaps[b]));
     Recognised { colour, shape }
 }
 

@@ -21,7 +21,14 @@ pub struct AdamWStep {
 }
 
 impl AdamWStep {
-    pub fn new(beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f32, lr: f64, time: usize) -> Self {
+    pub fn new(
+        beta_1: f32,
+        beta_2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+        lr: f64,
+        time: usize,
+    ) -> Self {
         let time = time as i32;
         Self {
             beta_1,

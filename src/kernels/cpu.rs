@@ -11,25 +11,17 @@ use burn::tensor::{Shape, TensorData};
 pub trait CpuF32: Backend {
     /// Runs `f` on `t`'s values in row-major order: no copy when `t` is contiguous, one copy
     /// when it is a strided view (permuted, narrowed). `None` when `t` is not f32.
-    fn with_f32<R>(t: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> Option<R>;
+    fn with_f32<R>(t: &FloatTensor<Self>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        Self::values_f32(t).map(|values| f(&values))
+    }
     /// A tensor owning `values` (row-major), without a copy.
     fn from_f32(values: Vec<f32>, shape: Shape) -> FloatTensor<Self>;
-    /// `t`'s values in row-major order, borrowed when `t` is contiguous (as [`Self::with_f32`],
-    /// for callers that hold many tensors' values at once). `None` when `t` is not f32.
+    /// `t`'s values in row-major order, borrowed when `t` is contiguous, else copied (for
+    /// callers that hold many tensors' values at once). `None` when `t` is not f32.
     fn values_f32(t: &FloatTensor<Self>) -> Option<Cow<'_, [f32]>>;
 }
 
 impl CpuF32 for NdArray {
-    fn with_f32<R>(t: &NdArrayTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-        let NdArrayTensor::F32(storage) = t else { return None };
-        let view = storage.view();
-        if let Some(values) = view.as_slice() {
-            return Some(f(values));
-        }
-        let standard = view.as_standard_layout();
-        Some(f(standard.as_slice().expect("standard layout is contiguous")))
-    }
-
     fn from_f32(values: Vec<f32>, shape: Shape) -> NdArrayTensor {
         NdArrayTensor::from_data(TensorData::new(values, shape))
     }
@@ -50,18 +42,6 @@ mod flex {
     use burn::tensor::{Bytes, DType, Shape};
 
     impl super::CpuF32 for Flex {
-        fn with_f32<R>(t: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-            if t.dtype() != DType::F32 {
-                return None;
-            }
-            if let Some(values) = t.as_slice::<f32>() {
-                return Some(f(values));
-            }
-            // `storage()` of a view is its whole buffer, whatever the layout: copy instead.
-            let contiguous = t.to_contiguous();
-            Some(f(contiguous.storage::<f32>()))
-        }
-
         fn from_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
             FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
         }
@@ -72,7 +52,9 @@ mod flex {
             }
             Some(match t.as_slice::<f32>() {
                 Some(values) => std::borrow::Cow::Borrowed(values),
-                None => std::borrow::Cow::Owned(t.to_contiguous().storage::<f32>().to_vec()),
+                // `storage()` of a view is its whole buffer, whatever the layout: copy instead
+                // (the contiguous copy's bytes become the vector without another).
+                None => std::borrow::Cow::Owned(t.to_contiguous().into_data().into_vec::<f32>().ok()?),
             })
         }
     }

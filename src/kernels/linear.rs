@@ -125,11 +125,7 @@ pub fn product(lhs: Matrix, rhs: Matrix) -> Vec<f32> {
 }
 
 /// The `gemm` crate's product, shapes checked by the callers.
-fn gemm_crate(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool, parallelism: Parallelism) {
-    // SAFETY: `out` is an exclusive borrow of the `m × n` product (checked by the callers).
-    unsafe { gemm_raw(lhs, rhs, out.as_mut_ptr(), rhs.columns, accumulate, parallelism) }
-}
-
+///
 /// # Safety
 /// `out` must be valid for writes (and reads when `accumulate`) of `lhs.rows` rows of
 /// `rhs.columns` values, `out_row_stride` apart, overlapping neither operand.
@@ -165,7 +161,8 @@ unsafe fn gemm_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride: usiz
 /// [`matmul`] on the calling thread alone, for small products inside parallel loops.
 pub fn matmul_serial(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
     if product_sizes(lhs, rhs, out, accumulate).is_some() {
-        gemm_crate(lhs, rhs, out, accumulate, Parallelism::None);
+        // SAFETY: `out` is an exclusive borrow of the product's size (checked above).
+        unsafe { gemm_raw(lhs, rhs, out.as_mut_ptr(), rhs.columns, accumulate, Parallelism::None) }
     }
 }
 

@@ -43,7 +43,13 @@ impl Rows {
     fn head<'a>(&self, values: &'a [f32], batch: usize, head: usize) -> Matrix<'a> {
         let start = self.start(batch, head);
         let end = start + (self.rows - 1) * self.stride + self.width;
-        Matrix { values: &values[start..end], rows: self.rows, columns: self.width, row_stride: self.stride, column_stride: 1 }
+        Matrix {
+            values: &values[start..end],
+            rows: self.rows,
+            columns: self.width,
+            row_stride: self.stride,
+            column_stride: 1,
+        }
     }
 }
 
@@ -70,28 +76,45 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 /// `(out [B, N, H·dv], weights [B, H, N, M])`.
-fn forward_values(q: &[f32], k: &[f32], v: &[f32], layout: Layout, bias: Option<&ScoreBias>) -> (Vec<f32>, Vec<f32>) {
+fn forward_values(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    layout: Layout,
+    bias: Option<&ScoreBias>,
+) -> (Vec<f32>, Vec<f32>) {
     let Layout { heads, batch, .. } = layout;
     let (n, m, dv) = (layout.q.rows, layout.k.rows, layout.v.width);
     let scale = layout.scale();
     let mut out = vec![0.0f32; batch * n * heads * dv];
     let mut weights = vec![0.0f32; batch * heads * n * m];
-    out.par_chunks_mut(n * heads * dv).zip(weights.par_chunks_mut(heads * n * m)).enumerate().for_each(|(b, (out, p))| {
-        let mut scores = vec![0.0f32; n * m];
-        for h in 0..heads {
-            let p = &mut p[h * n * m..(h + 1) * n * m];
-            let (qh, kh) = (layout.q.head(q, b, h), layout.k.head(k, b, h));
-            // SAFETY: `scores` is an `n × m` row-major buffer of its own.
-            unsafe { matmul_raw(qh, kh.transposed(), scores.as_mut_ptr(), m, false) };
-            for (i, (p, s)) in p.chunks_mut(m).zip(scores.chunks(m)).enumerate() {
-                let bias = bias.map_or(&[][..], |bias| bias.row(b, h, i, m));
-                softmax_row(s, bias, scale, p);
+    out.par_chunks_mut(n * heads * dv)
+        .zip(weights.par_chunks_mut(heads * n * m))
+        .enumerate()
+        .for_each(|(b, (out, p))| {
+            let mut scores = vec![0.0f32; n * m];
+            for h in 0..heads {
+                let p = &mut p[h * n * m..(h + 1) * n * m];
+                let (qh, kh) = (layout.q.head(q, b, h), layout.k.head(k, b, h));
+                // SAFETY: `scores` is an `n × m` row-major buffer of its own.
+                unsafe { matmul_raw(qh, kh.transposed(), scores.as_mut_ptr(), m, false) };
+                for (i, (p, s)) in p.chunks_mut(m).zip(scores.chunks(m)).enumerate() {
+                    let bias = bias.map_or(&[][..], |bias| bias.row(b, h, i, m));
+                    softmax_row(s, bias, scale, p);
+                }
+                let pm = Matrix::row_major(p, n, m);
+                // SAFETY: head h's columns of this batch element's `n` rows of `out`, inside it.
+                unsafe {
+                    matmul_raw(
+                        pm,
+                        layout.v.head(v, b, h),
+                        out.as_mut_ptr().add(h * dv),
+                        heads * dv,
+                        false,
+                    )
+                };
             }
-            let pm = Matrix::row_major(p, n, m);
-            // SAFETY: head h's columns of this batch element's `n` rows of `out`, inside it.
-            unsafe { matmul_raw(pm, layout.v.head(v, b, h), out.as_mut_ptr().add(h * dv), heads * dv, false) };
-        }
-    });
+        });
     (out, weights)
 }
 
@@ -117,13 +140,33 @@ unsafe fn backward_values(
         let (mut dp, mut ds) = (vec![0.0f32; n * m], vec![0.0f32; n * m]);
         let (d_q, d_k, d_v) = (d_q, d_k, d_v);
         for h in 0..heads {
-            let pg = Matrix::row_major(&weights[(b * heads + h) * n * m..(b * heads + h + 1) * n * m], n, m);
-            let og = Rows { rows: n, stride: heads * dv, offset: 0, width: dv }.head(d_out, b, h);
-            let (qh, kh, vh) = (layout.q.head(q, b, h), layout.k.head(k, b, h), layout.v.head(v, b, h));
+            let pg = Matrix::row_major(
+                &weights[(b * heads + h) * n * m..(b * heads + h + 1) * n * m],
+                n,
+                m,
+            );
+            let og = Rows {
+                rows: n,
+                stride: heads * dv,
+                offset: 0,
+                width: dv,
+            }
+            .head(d_out, b, h);
+            let (qh, kh, vh) = (
+                layout.q.head(q, b, h),
+                layout.k.head(k, b, h),
+                layout.v.head(v, b, h),
+            );
             // SAFETY (each write): batch element b's rows of head h's columns, which no other
             // thread writes (caller's contract for the buffers).
             unsafe {
-                matmul_raw(pg.transposed(), og, d_v.0.add(layout.v.start(b, h)), layout.v.stride, false);
+                matmul_raw(
+                    pg.transposed(),
+                    og,
+                    d_v.0.add(layout.v.start(b, h)),
+                    layout.v.stride,
+                    false,
+                );
                 matmul_raw(og, vh.transposed(), dp.as_mut_ptr(), m, false);
             }
             for ((ds, dp), p) in ds.chunks_mut(m).zip(dp.chunks(m)).zip(pg.values.chunks(m)) {
@@ -131,8 +174,20 @@ unsafe fn backward_values(
             }
             let dsm = Matrix::row_major(&ds, n, m);
             unsafe {
-                matmul_raw(dsm, kh, d_q.0.add(layout.q.start(b, h)), layout.q.stride, false);
-                matmul_raw(dsm.transposed(), qh, d_k.0.add(layout.k.start(b, h)), layout.k.stride, false);
+                matmul_raw(
+                    dsm,
+                    kh,
+                    d_q.0.add(layout.q.start(b, h)),
+                    layout.q.stride,
+                    false,
+                );
+                matmul_raw(
+                    dsm.transposed(),
+                    qh,
+                    d_k.0.add(layout.k.start(b, h)),
+                    layout.k.stride,
+                    false,
+                );
             }
         }
     });
@@ -146,18 +201,49 @@ fn packed_layout(shape: &Shape, heads: usize) -> Option<Layout> {
         return None;
     }
     let dim = width / 3;
-    let rows = |offset| Rows { rows: n, stride: width, offset, width: dim / heads };
-    Some(Layout { batch, heads, q: rows(0), k: rows(dim), v: rows(2 * dim) })
+    let rows = |offset| Rows {
+        rows: n,
+        stride: width,
+        offset,
+        width: dim / heads,
+    };
+    Some(Layout {
+        batch,
+        heads,
+        q: rows(0),
+        k: rows(dim),
+        v: rows(2 * dim),
+    })
 }
 
 /// Cross-attention of q `[B, N, H·d]` over k `[B, M, H·d]`, v `[B, M, H·dv]`.
 fn separate_layout(q: &Shape, k: &Shape, v: &Shape, heads: usize) -> Option<Layout> {
     let ([batch, n, qw], [kb, m, kw], [vb, vm, vw]) = (q.dims::<3>(), k.dims::<3>(), v.dims::<3>());
-    if heads == 0 || qw != kw || kb != batch || vb != batch || vm != m || qw % heads != 0 || vw % heads != 0 || n == 0 || m == 0 {
+    if heads == 0
+        || qw != kw
+        || kb != batch
+        || vb != batch
+        || vm != m
+        || qw % heads != 0
+        || vw % heads != 0
+        || n == 0
+        || m == 0
+    {
         return None;
     }
-    let rows = |rows, width: usize| Rows { rows, stride: width, offset: 0, width: width / heads };
-    Some(Layout { batch, heads, q: rows(n, qw), k: rows(m, kw), v: rows(m, vw) })
+    let rows = |rows, width: usize| Rows {
+        rows,
+        stride: width,
+        offset: 0,
+        width: width / heads,
+    };
+    Some(Layout {
+        batch,
+        heads,
+        q: rows(n, qw),
+        k: rows(m, kw),
+        v: rows(m, vw),
+    })
 }
 
 fn output_shape(layout: &Layout) -> Shape {
@@ -180,7 +266,11 @@ pub fn separate_forward<B: CpuF32>(
     bias: Option<&ScoreBias>,
 ) -> Option<FloatTensor<B>> {
     let layout = separate_layout(&q.shape(), &k.shape(), &v.shape(), heads)?;
-    let out = B::with_f32(q, |q| B::with_f32(k, |k| B::with_f32(v, |v| forward_values(q, k, v, layout, bias).0)))???;
+    let out = B::with_f32(q, |q| {
+        B::with_f32(k, |k| {
+            B::with_f32(v, |v| forward_values(q, k, v, layout, bias).0)
+        })
+    })???;
     Some(B::from_f32(out, output_shape(&layout)))
 }
 
@@ -193,7 +283,11 @@ pub struct PackedState<B: CpuF32> {
 
 impl<B: CpuF32> Clone for PackedState<B> {
     fn clone(&self) -> Self {
-        Self { qkv: self.qkv.clone(), weights: self.weights.clone(), layout: self.layout }
+        Self {
+            qkv: self.qkv.clone(),
+            weights: self.weights.clone(),
+            layout: self.layout,
+        }
     }
 }
 
@@ -207,7 +301,11 @@ impl<B: CpuF32> Backward<B, 1> for PackedBackward {
         let [parent] = ops.parents;
         let d_out = grads.consume::<B>(&ops.node);
         let Some(parent) = parent else { return };
-        let PackedState { qkv, weights, layout } = ops.state;
+        let PackedState {
+            qkv,
+            weights,
+            layout,
+        } = ops.state;
         let shape = qkv.shape();
         let mut d_qkv = vec![0.0f32; shape.num_elements()];
         let ptr = Out(d_qkv.as_mut_ptr());
@@ -230,10 +328,23 @@ pub fn packed_autodiff<B: CpuF32, C: CheckpointStrategy>(
     let layout = packed_layout(&qkv.primitive.shape(), heads)?;
     let (out, weights) = B::with_f32(&qkv.primitive, |x| forward_values(x, x, x, layout, None))?;
     let out = B::from_f32(out, output_shape(&layout));
-    Some(match PackedBackward.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(PackedState { qkv: qkv.primitive, weights: Arc::new(weights), layout }, out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    Some(
+        match PackedBackward
+            .prepare::<C>([qkv.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                PackedState {
+                    qkv: qkv.primitive,
+                    weights: Arc::new(weights),
+                    layout,
+                },
+                out,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
 }
 
 #[derive(Debug)]
@@ -245,7 +356,11 @@ pub struct SeparateState<B: CpuF32> {
 
 impl<B: CpuF32> Clone for SeparateState<B> {
     fn clone(&self) -> Self {
-        Self { inputs: self.inputs.clone(), weights: self.weights.clone(), layout: self.layout }
+        Self {
+            inputs: self.inputs.clone(),
+            weights: self.weights.clone(),
+            layout: self.layout,
+        }
     }
 }
 
@@ -257,10 +372,21 @@ impl<B: CpuF32> Backward<B, 3> for SeparateBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_out = grads.consume::<B>(&ops.node);
-        let SeparateState { inputs: [q, k, v], weights, layout } = ops.state;
+        let SeparateState {
+            inputs: [q, k, v],
+            weights,
+            layout,
+        } = ops.state;
         let shapes = [q.shape(), k.shape(), v.shape()];
-        let mut outputs: Vec<Vec<f32>> = shapes.iter().map(|s| vec![0.0f32; s.num_elements()]).collect();
-        let pointers = (Out(outputs[0].as_mut_ptr()), Out(outputs[1].as_mut_ptr()), Out(outputs[2].as_mut_ptr()));
+        let mut outputs: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|s| vec![0.0f32; s.num_elements()])
+            .collect();
+        let pointers = (
+            Out(outputs[0].as_mut_ptr()),
+            Out(outputs[1].as_mut_ptr()),
+            Out(outputs[2].as_mut_ptr()),
+        );
         B::with_f32(&q, |q| {
             B::with_f32(&k, |k| {
                 B::with_f32(&v, |v| {
@@ -290,17 +416,34 @@ pub fn separate_autodiff<B: CpuF32, C: CheckpointStrategy>(
     heads: usize,
     bias: Option<&ScoreBias>,
 ) -> Option<FloatTensor<Autodiff<B, C>>> {
-    let layout = separate_layout(&q.primitive.shape(), &k.primitive.shape(), &v.primitive.shape(), heads)?;
+    let layout = separate_layout(
+        &q.primitive.shape(),
+        &k.primitive.shape(),
+        &v.primitive.shape(),
+        heads,
+    )?;
     let (out, weights) = B::with_f32(&q.primitive, |qv| {
-        B::with_f32(&k.primitive, |kv| B::with_f32(&v.primitive, |vv| forward_values(qv, kv, vv, layout, bias)))
+        B::with_f32(&k.primitive, |kv| {
+            B::with_f32(&v.primitive, |vv| forward_values(qv, kv, vv, layout, bias))
+        })
     })???;
     let out = B::from_f32(out, output_shape(&layout));
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-    Some(match SeparateBackward.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let state = SeparateState { inputs: [q.primitive, k.primitive, v.primitive], weights: Arc::new(weights), layout };
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    Some(
+        match SeparateBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = SeparateState {
+                    inputs: [q.primitive, k.primitive, v.primitive],
+                    weights: Arc::new(weights),
+                    layout,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
 }
