@@ -38,12 +38,22 @@ pub fn float<const D: usize>(file: &SafetensorsFile, name: &str) -> Tensor<TestB
 pub fn mask(file: &SafetensorsFile, name: &str) -> Tensor<TestBackend, 2, Bool> {
     let data = file.tensor(name).unwrap();
     let shape = data.shape.clone();
-    let values: Vec<bool> = data.convert::<i64>().into_vec::<i64>().unwrap().into_iter().map(|v| v != 0).collect();
+    let values: Vec<bool> = data
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v != 0)
+        .collect();
     Tensor::from_data(TensorData::new(values, shape), &Default::default())
 }
 
 pub fn scalar(file: &SafetensorsFile, name: &str) -> f64 {
-    file.tensor(name).unwrap().convert::<f64>().into_vec::<f64>().unwrap()[0]
+    file.tensor(name)
+        .unwrap()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .unwrap()[0]
 }
 
 pub fn values<const D: usize, B: Backend>(tensor: Tensor<B, D>) -> Vec<f32> {
