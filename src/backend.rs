@@ -13,8 +13,13 @@ pub enum BackendKind {
     Ndarray,
     /// burn-candle on the CPU.
     Candle,
-    /// burn-cuda on GPU 0 of this process (the launcher sets CUDA_VISIBLE_DEVICES per rank).
+    /// burn-cuda with burn's op fusion and autotuned kernels, on this rank's GPU.
     Cuda,
+    /// burn-cuda without op fusion (the plain CubeCL backend): every op its own kernel. For
+    /// comparison, and a fallback should a fused graph go wrong.
+    #[value(name = "cuda-nofusion")]
+    #[serde(rename = "cuda-nofusion")]
+    CudaNoFusion,
 }
 
 impl BackendKind {
@@ -23,8 +28,13 @@ impl BackendKind {
             BackendKind::Flex => cfg!(feature = "flex"),
             BackendKind::Ndarray => cfg!(feature = "ndarray"),
             BackendKind::Candle => cfg!(feature = "candle"),
-            BackendKind::Cuda => cfg!(feature = "cuda"),
+            BackendKind::Cuda | BackendKind::CudaNoFusion => cfg!(feature = "cuda"),
         }
+    }
+
+    /// Whether the tensors live on a GPU (one rank per GPU, NCCL for gradients).
+    pub fn is_gpu(self) -> bool {
+        matches!(self, BackendKind::Cuda | BackendKind::CudaNoFusion)
     }
 
     /// The GPU when built with one, else the fastest CPU backend measured on the seed's
@@ -36,15 +46,35 @@ impl BackendKind {
             .unwrap_or(BackendKind::Ndarray)
     }
 
+    /// Whether its tensors can hold bf16 (`train.precision: bf16`); burn-ndarray's cannot.
+    pub fn has_bf16(self) -> bool {
+        matches!(self, BackendKind::Flex | BackendKind::Cuda | BackendKind::CudaNoFusion)
+    }
+
+    /// The cargo feature that compiles this backend in.
+    pub fn cargo_feature(self) -> &'static str {
+        if self.is_gpu() {
+            "cuda"
+        } else {
+            self.name()
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Flex => "flex",
             BackendKind::Ndarray => "ndarray",
             BackendKind::Candle => "candle",
             BackendKind::Cuda => "cuda",
+            BackendKind::CudaNoFusion => "cuda-nofusion",
         }
     }
 }
+
+/// burn's CUDA backend without the fusion layer (`burn::backend::Cuda` is
+/// `Fusion<CubeBackend<..>>` in this build).
+#[cfg(feature = "cuda")]
+pub type CudaNoFusion = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
 
 /// Whether this machine has an NVIDIA driver (`libcuda`): a CUDA build on a machine without
 /// one then runs on the CPU under `auto`, and `cuda` asked for by name fails with a message,
@@ -89,10 +119,15 @@ macro_rules! with_backend {
                 type $B = burn::backend::Cuda;
                 $body
             }
+            #[cfg(feature = "cuda")]
+            $crate::backend::BackendKind::CudaNoFusion => {
+                type $B = $crate::backend::CudaNoFusion;
+                $body
+            }
             other => Err($crate::Error::Config(format!(
                 "backend `{}` is not compiled into this binary (cargo feature `{}`)",
                 other.name(),
-                other.name()
+                other.cargo_feature()
             ))),
         }
     }};

@@ -10,6 +10,7 @@ use ditrun::bench::{self, BenchOptions};
 use ditrun::data::{DatasetKind, PrepareOptions, Split};
 use ditrun::dist::World;
 use ditrun::flow::Sampler;
+use ditrun::kernels::autocast::Precision;
 use ditrun::model::{ClipTextConfig, TextDiTConfig};
 use ditrun::train::Resume;
 
@@ -144,6 +145,10 @@ enum Command {
         /// backward, times its calls per step) and print a table against the whole step.
         #[arg(long)]
         profile: bool,
+        /// The matrix products' dtype: bf16 keeps f32 master weights, statistics and
+        /// reductions (as `train.precision`).
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
         /// Run burn's own ops instead of ditrun's fused CPU kernels (to compare).
         #[arg(long)]
         unfused: bool,
@@ -259,7 +264,7 @@ fn train_rank(job: Option<PathBuf>, overrides: &[String], resume: &Resume, stop_
     let world = World::from_env()?;
     let job = ditrun::config::load_job(job.as_deref(), overrides)?;
     set_cpu_threads(job.train.threads.unwrap_or_else(|| world.default_cpu_threads()));
-    let gpu_ordinal = (job.train.backend.resolve()? == BackendKind::Cuda).then_some(world.local_rank);
+    let gpu_ordinal = job.train.backend.resolve()?.is_gpu().then_some(world.local_rank);
     let collective = ditrun::dist::connect(&world, Duration::from_secs_f64(job.dist.timeout_secs), gpu_ordinal)?;
     let _rank_span = world.is_distributed().then(|| tracing::info_span!("rank", rank = world.rank).entered());
     match ditrun::train::train_ranked(&job, resume, stop_after, &world, collective.as_ref()) {
@@ -378,17 +383,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
-        Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce, profile, unfused } => {
+        Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce, profile, precision, unfused } => {
             ditrun::kernels::set_fused(!unfused);
-            if backend == BackendKind::Cuda && !ditrun::backend::cuda_driver_present() {
-                anyhow::bail!("--backend cuda: this machine has no NVIDIA driver (libcuda.so.1 not found)");
+            if backend.is_gpu() && !ditrun::backend::cuda_driver_present() {
+                anyhow::bail!("--backend {}: this machine has no NVIDIA driver (libcuda.so.1 not found)", backend.name());
             }
             // Under mpirun every rank benchmarks and gradients are averaged as in training;
             // rank 0 prints the report.
             let world = World::from_env()?;
             let threads = threads.unwrap_or_else(|| world.default_cpu_threads());
             set_cpu_threads(threads);
-            let gpu_ordinal = (backend == BackendKind::Cuda).then_some(world.local_rank);
+            let gpu_ordinal = backend.is_gpu().then_some(world.local_rank);
             let collective = ditrun::dist::connect(&world, Duration::from_secs(600), gpu_ordinal)?;
             // One GPU and no launcher: the all-reduce still goes through NCCL, as a smoke test.
             #[cfg(feature = "cuda")]
@@ -408,6 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     warmup,
                     threads,
                     clip_per_batch: clip,
+                    precision,
                     model: TextDiTConfig::new(),
                     text: ClipTextConfig::new(),
                 };

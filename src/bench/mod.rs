@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::backend::BackendKind;
+use crate::kernels::autocast::{with_precision, Precision};
 use crate::dist::{average_gradients, reduce_bucket, Collective};
 use crate::error::Result;
 use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
@@ -55,6 +56,8 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Run the CLIP encoder on every batch as the seed does, instead of the cache.
     pub clip_per_batch: bool,
+    /// The matrix products' dtype (`train.precision`).
+    pub precision: Precision,
     pub model: TextDiTConfig,
     pub text: ClipTextConfig,
 }
@@ -66,11 +69,14 @@ pub struct BenchReport {
     #[serde(rename = "impl")]
     pub implementation: &'static str,
     pub backend: BackendKind,
+    pub precision: Precision,
     pub clip_per_batch: bool,
     /// ditrun's fused CPU kernels (false under `--unfused`: burn's own ops).
     pub fused_kernels: bool,
     /// The library the linear layers' products ran on (CPU backends; `DITRUN_BLAS`).
     pub blas: &'static str,
+    /// Which AdamW ran: "host" (flat, CPU), "device" (flat, tensor ops) or "burn" (per tensor).
+    pub optimizer: &'static str,
     pub threads: usize,
     pub batch: usize,
     pub steps: usize,
@@ -119,8 +125,8 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collecti
         };
         context_tokens = context.dims()[1];
         let x0 = Tensor::<AB, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        let batch = FlowBatch::draw(x0, &mut rng);
-        let loss = flow_matching_loss(&model, batch, context, Some(mask));
+        let batch = FlowBatch::draw_on_device(x0);
+        let loss = with_precision(options.precision, || flow_matching_loss(&model, batch, context, Some(mask)));
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let allreduce = average_gradients(&model, &mut grads, collective, DDP_BUCKET_BYTES)?;
         model = optimizer.step(1e-4, model, grads);
@@ -138,9 +144,11 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collecti
     Ok(BenchReport {
         implementation: "ditrun",
         backend: options.backend,
+        precision: options.precision,
         clip_per_batch: options.clip_per_batch,
         fused_kernels: crate::kernels::fused(),
         blas: crate::kernels::blas::backend_name(),
+        optimizer: optimizer.kind(),
         threads: options.threads,
         batch: options.batch,
         steps: options.steps,

@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 use crate::backend::BackendKind;
 pub use crate::data::{DatasetKind, Split};
 use crate::flow::Sampler;
+use crate::kernels::autocast::Precision;
 use crate::model::tokenizer::{CONTEXT_LENGTH, END_OF_TEXT};
 use crate::model::{ClipTextConfig, TextDiTConfig};
 
@@ -127,6 +128,10 @@ pub struct TrainSpec {
     /// Probability of replacing a caption by "" (classifier-free guidance training).
     pub text_drop_prob: f64,
     pub backend: BackendChoice,
+    /// The dtype of the step's matrix products: `f32`, or `bf16` with f32 master weights,
+    /// statistics, loss, optimizer and all-reduce (`kernels::autocast`). Needs a backend with
+    /// bf16 tensors (cuda, flex).
+    pub precision: Precision,
     /// CPU threads; unset = all cores.
     pub threads: Option<usize>,
 }
@@ -152,6 +157,8 @@ pub enum BackendChoice {
     Ndarray,
     Candle,
     Cuda,
+    #[serde(rename = "cuda-nofusion")]
+    CudaNoFusion,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -295,6 +302,7 @@ impl Default for TrainSpec {
             seed: 0,
             text_drop_prob: 0.1,
             backend: BackendChoice::Auto,
+            precision: Precision::F32,
             threads: None,
         }
     }
@@ -735,11 +743,14 @@ impl BackendChoice {
             BackendChoice::Ndarray => BackendKind::Ndarray,
             BackendChoice::Candle => BackendKind::Candle,
             BackendChoice::Cuda => BackendKind::Cuda,
+            BackendChoice::CudaNoFusion => BackendKind::CudaNoFusion,
         };
-        if kind == BackendKind::Cuda && kind.compiled_in() && !crate::backend::cuda_driver_present() {
-            return Err(crate::Error::Config(
-                "train.backend: `cuda`, but this machine has no NVIDIA driver (libcuda.so.1 not found); use `auto` to fall back to the CPU".into(),
-            ));
+        if kind.is_gpu() && kind.compiled_in() && !crate::backend::cuda_driver_present() {
+            return Err(crate::Error::Config(format!(
+                "train.backend: `{}`, but this machine has no NVIDIA driver (libcuda.so.1 not found); \
+                 use `auto` to fall back to the CPU",
+                kind.name()
+            )));
         }
         if kind.compiled_in() {
             Ok(kind)
@@ -747,7 +758,7 @@ impl BackendChoice {
             Err(crate::Error::Config(format!(
                 "train.backend: `{}` is not compiled into this binary (build with --features {})",
                 kind.name(),
-                kind.name()
+                kind.cargo_feature()
             )))
         }
     }

@@ -117,15 +117,26 @@ impl Collective for NcclCollective {
 }
 
 /// The device address of a CUDA tensor's data and the guard that keeps it allocated; `None`
-/// for tensors of other backends.
+/// for tensors of other backends. A fused tensor is first resolved to the buffer it stands
+/// for: the fusion server runs what is queued for it and hands out its handle, shared with
+/// the fused tensor, so NCCL's in-place writes are what the next fused op reads.
 pub fn device_address<B: burn::prelude::Backend>(
     tensor: &burn::prelude::Tensor<B, 1>,
 ) -> Option<(u64, impl Sized)> {
     use burn::tensor::TensorPrimitive;
+    type Cube = burn_cubecl::tensor::CubeTensor<cubecl_cuda::CudaRuntime>;
+    type Fused = burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<cubecl_cuda::CudaRuntime>>;
     let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() else { return None };
-    let cube = (&primitive as &dyn std::any::Any)
-        .downcast_ref::<burn_cubecl::tensor::CubeTensor<cubecl_cuda::CudaRuntime>>()?;
+    let any = &primitive as &dyn std::any::Any;
+    let cube: Cube = if let Some(cube) = any.downcast_ref::<Cube>() {
+        cube.clone()
+    } else {
+        let fused = any.downcast_ref::<Fused>()?;
+        // `primitive` is a second reference to the fused tensor, so resolving it leaves the
+        // buffer registered for `tensor`.
+        fused.client.clone().resolve_tensor_float::<crate::backend::CudaNoFusion>(fused.clone())
+    };
     let resource = cube.client.get_resource(cube.handle.clone()).ok()?;
     let address = resource.resource().ptr;
-    Some((address, (resource, primitive)))
+    Some((address, (resource, cube, primitive)))
 }

@@ -14,18 +14,16 @@ pub struct FlowBatch<B: Backend> {
 }
 
 impl<B: Backend> FlowBatch<B> {
-    /// Draws `x1 ~ N(0, I)` and `t ~ U[0, 1]` for the data `x0` from `rng`.
-    pub fn draw(x0: Tensor<B, 4>, rng: &mut impl Rng) -> Self {
+    /// Draws `x1 ~ N(0, I)` and `t ~ U[0, 1]` for the data `x0` with the backend's own
+    /// generator, on `x0`'s device (as `torch.randn(device=...)` does): nothing crosses from
+    /// the host. Not reproducible across backends; the trainer draws on the host, ahead of
+    /// the step, for exact resume.
+    pub fn draw_on_device(x0: Tensor<B, 4>) -> Self {
         let dims = x0.dims();
         let device = x0.device();
-        let count: usize = dims.iter().product();
-        let noise: Vec<f32> = (0..count)
-            .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
-            .collect();
-        let times: Vec<f32> = (0..dims[0]).map(|_| rng.random::<f32>()).collect();
         Self {
-            x1: Tensor::from_data(TensorData::new(noise, dims), &device),
-            t: Tensor::from_data(TensorData::new(times, [dims[0]]), &device),
+            x1: Tensor::random(dims, burn::tensor::Distribution::Normal(0.0, 1.0), &device),
+            t: Tensor::random([dims[0]], burn::tensor::Distribution::Uniform(0.0, 1.0), &device),
             x0,
         }
     }

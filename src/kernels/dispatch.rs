@@ -1,7 +1,8 @@
 //! The model calls these with any backend: on burn's CPU backends (NdArray, Flex; plain or
-//! under Autodiff) they run the fused kernels, elsewhere (CUDA, whose fusion compiler fuses
-//! these itself; Candle; f64) they run burn's own ops. The backend is told apart by the type of
-//! its tensor primitive, so model code needs no extra trait bounds.
+//! under Autodiff) they run the fused kernels; under Autodiff on CUDA attention is one node
+//! with a hand-written backward (`device_attention`); everything else (the other ops on CUDA,
+//! Candle, f64) runs burn's own ops. The backend is told apart by the type of its tensor
+//! primitive, so model code needs no extra trait bounds.
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -16,7 +17,7 @@ use burn::tensor::TensorPrimitive;
 
 use super::cpu::CpuF32;
 use super::elementwise::{self, Activation, GELU, SILU};
-use super::{adaln, attention as fused_attention, linear as fused_linear, token_attention};
+use super::{adaln, attention as fused_attention, autocast, linear as fused_linear, token_attention};
 
 static FUSED: AtomicBool = AtomicBool::new(true);
 
@@ -28,6 +29,11 @@ pub fn set_fused(on: bool) {
 
 pub fn fused() -> bool {
     FUSED.load(Ordering::Relaxed)
+}
+
+/// Whether the fused f32 CPU kernels may run the products: not under a bf16 autocast scope.
+fn cpu_kernels_apply() -> bool {
+    fused() && !autocast::casting()
 }
 
 /// `Ok(x)` as a `T` when `S` is `T`, else `Err(x)`: resolved per monomorphisation.
@@ -194,21 +200,71 @@ pub fn attention<B: Backend>(
     score_bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
     if !fused() {
-        return crate::model::layers::attention_unfused(q, k, v, score_bias);
+        return attention_composed(q, k, v, score_bias);
     }
     let bias = score_bias.as_ref().map(|b| primitive(b.clone()));
     let inputs: Triple<B> = (primitive(q), primitive(k), primitive(v));
-    let inputs = match attention_on::<B, NdArray>(inputs, bias.clone()) {
-        Ok(out) => return tensor(out),
-        Err(inputs) => inputs,
+    let inputs = if cpu_kernels_apply() {
+        let inputs = match attention_on::<B, NdArray>(inputs, bias.clone()) {
+            Ok(out) => return tensor(out),
+            Err(inputs) => inputs,
+        };
+        #[cfg(feature = "flex")]
+        let inputs = match attention_on::<B, burn::backend::Flex>(inputs, bias.clone()) {
+            Ok(out) => return tensor(out),
+            Err(inputs) => inputs,
+        };
+        inputs
+    } else {
+        inputs
     };
-    #[cfg(feature = "flex")]
-    let inputs = match attention_on::<B, burn::backend::Flex>(inputs, bias.clone()) {
-        Ok(out) => return tensor(out),
-        Err(inputs) => inputs,
+    #[cfg(feature = "cuda")]
+    let inputs = {
+        type Fused = burn::backend::Cuda;
+        type Plain = burn_cubecl::CubeBackend<cubecl_cuda::CudaRuntime, f32, i32, u8>;
+        let inputs = match device_attention_on::<B, Fused>(inputs, bias.clone()) {
+            Ok(out) => return tensor(out),
+            Err(inputs) => inputs,
+        };
+        // Without burn's `fusion` feature the two are one type, already tried.
+        if std::any::TypeId::of::<Fused>() == std::any::TypeId::of::<Plain>() {
+            inputs
+        } else {
+            match device_attention_on::<B, Plain>(inputs, bias.clone()) {
+                Ok(out) => return tensor(out),
+                Err(inputs) => inputs,
+            }
+        }
     };
     let (q, k, v) = inputs;
-    crate::model::layers::attention_unfused(tensor(q), tensor(k), tensor(v), score_bias)
+    attention_composed(tensor(q), tensor(k), tensor(v), score_bias)
+}
+
+/// [`attention`] of burn's ops, its products in the autocast dtype.
+fn attention_composed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, score_bias: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
+    if autocast::casting() {
+        autocast::attention(q, k, v, score_bias)
+    } else {
+        crate::model::layers::attention_unfused(q, k, v, score_bias)
+    }
+}
+
+/// [`attention`] as one autodiff node on the GPU backend `I` (`super::device_attention`), when
+/// `B` is `Autodiff<I>` and the bias is a constant.
+#[cfg(feature = "cuda")]
+fn device_attention_on<B: Backend, I: Backend>(inputs: Triple<B>, bias: Option<FloatTensor<B>>) -> Result<FloatTensor<B>, Triple<B>> {
+    use super::device_attention::attention_autodiff;
+    let inputs = cast::<Triple<B>, Triple<Autodiff<I>>>(inputs)?;
+    let bias = match bias.map(cast::<FloatTensor<B>, FloatTensor<Autodiff<I>>>) {
+        None => None,
+        Some(Ok(bias)) if !bias.is_tracked() => Some(bias.primitive),
+        Some(_) => return Err(same(inputs)),
+    };
+    let (q, k, v) = inputs.clone();
+    match attention_autodiff::<I, NoCheckpointing>(q, k, v, bias, autocast::product_dtype()) {
+        Some(out) => Ok(same(out)),
+        None => Err(same(inputs)),
+    }
 }
 
 /// The padding bias as the fused kernels take it: `Ok(None)` without one, `Err(())` when it
@@ -240,7 +296,7 @@ fn attention_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTens
 /// each, as the seed splits it) → `[B, N, dim]` with the heads merged. On the CPU backends one
 /// op that reads q, k and v where they lie; elsewhere heads are split and merged by burn ops.
 pub fn packed_self_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
-    let qkv = if fused() {
+    let qkv = if cpu_kernels_apply() {
         let x = primitive(qkv);
         let x = match try_backend::<B, NdArray, _, FloatTensor<Autodiff<NdArray>>, FloatTensor<NdArray>>(
             x,
@@ -283,7 +339,7 @@ pub fn multi_head_attention<B: Backend>(
     heads: usize,
     score_bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 3> {
-    let (q, k, v) = if fused() {
+    let (q, k, v) = if cpu_kernels_apply() {
         let bias = score_bias.as_ref().map(|b| primitive(b.clone()));
         let inputs: Triple<B> = (primitive(q), primitive(k), primitive(v));
         let inputs = match separate_on::<B, NdArray>(inputs, bias.clone(), heads) {
@@ -317,6 +373,9 @@ type LinearInputs<B> = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
 /// `x · weight + bias` over the last axis of `x`, as `burn::tensor::module::linear` (weight
 /// `[d_in, d_out]`).
 pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+    if autocast::casting() {
+        return autocast::linear(x, weight, bias);
+    }
     if !fused() {
         return burn::tensor::module::linear(x, weight, bias);
     }

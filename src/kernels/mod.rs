@@ -9,7 +9,9 @@ mod adaln;
 pub mod adamw;
 pub mod blas;
 mod attention;
+pub mod autocast;
 mod cpu;
+mod device_attention;
 mod dispatch;
 mod elementwise;
 mod linear;
@@ -19,4 +21,5 @@ pub mod math;
 pub use dispatch::{
     adaln_modulate, attention, fused, multi_head_attention, packed_self_attention, gelu, host_tensor, host_values, is_host_backend, linear, linear_layer, set_fused, silu,
 };
+pub use device_attention::attention_autodiff;
 pub use linear::{matmul, Matrix};

@@ -3,6 +3,7 @@
 //! events, sample grids and checkpoints, and exact resume from the latest checkpoint.
 
 mod params;
+mod randomness;
 mod schedule;
 mod state;
 
@@ -14,11 +15,11 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use crate::kernels::autocast::{with_precision, Precision};
 use crate::optim::AdamWSettings;
+use randomness::{PassRandomness, RandomnessAhead, RandomnessPlan};
 
 pub use params::{global_grad_norm, scale_grads, update_ema, with_path_ids};
 pub use schedule::learning_rate;
@@ -99,7 +100,14 @@ pub fn train_ranked(
     collective: &dyn Collective,
 ) -> Result<TrainOutcome> {
     let backend = job.train.backend.resolve()?;
-    let gpu = backend == crate::backend::BackendKind::Cuda;
+    if job.train.precision == Precision::Bf16 && !backend.has_bf16() {
+        return Err(Error::Config(format!(
+            "train.precision: bf16 needs a backend with bf16 tensors (cuda, flex), but train.backend \
+             resolves to `{}` here",
+            backend.name()
+        )));
+    }
+    let gpu = backend.is_gpu();
     crate::with_backend!(backend, B => {
         let device = rank_device::<B>(world, gpu)?;
         train_on::<burn::backend::Autodiff<B>>(job, resume, stop_after, world, collective, device)
@@ -116,37 +124,6 @@ fn rank_device<B: Backend>(world: &World, gpu: bool) -> Result<B::Device> {
     let id = default.to_id();
     let ordinal = world.gpu_ordinal(B::device_count(id.type_id))?;
     Ok(B::Device::from_id(DeviceId { type_id: id.type_id, index_id: ordinal as u16 }))
-}
-
-/// One sample's randomness (caption dropout, time, noise), a pure function of (seed, step,
-/// the sample's index in the global batch): a resumed run draws exactly what the
-/// uninterrupted run drew, and a sample gets the same draws whichever rank and accumulation
-/// pass it lands in.
-fn sample_rng(seed: u64, step: u64, index: usize) -> StdRng {
-    let step_key = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17);
-    StdRng::seed_from_u64(step_key ^ (index as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
-}
-
-/// The caption-dropout flags, times and noise of `count` samples starting at global index
-/// `first`, each `sample_len` values.
-fn draw_randomness(
-    seed: u64,
-    step: u64,
-    first: usize,
-    count: usize,
-    sample_len: usize,
-    drop_prob: f64,
-) -> (Vec<bool>, Vec<f32>, Vec<f32>) {
-    let mut dropped = Vec::with_capacity(count);
-    let mut times = Vec::with_capacity(count);
-    let mut noise = Vec::with_capacity(count * sample_len);
-    for index in first..first + count {
-        let mut rng = sample_rng(seed, step, index);
-        dropped.push(rng.random::<f64>() < drop_prob);
-        times.push(rng.random::<f32>());
-        noise.extend((0..sample_len).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)));
-    }
-    (dropped, times, noise)
 }
 
 fn train_on<AB: AutodiffBackend>(
@@ -309,6 +286,19 @@ fn train_on<AB: AutodiffBackend>(
     let mut last_checkpoint = None;
     let mut sample_grid = None;
     let mut steps_done = start_step;
+    let sample_len = job.model.channels * job.model.image_size * job.model.image_size;
+    let mut randomness = RandomnessAhead::start(
+        RandomnessPlan {
+            seed: job.train.seed,
+            drop_prob: job.train.text_drop_prob,
+            sample_len,
+            micro_batch,
+            accumulation,
+            rank: world.rank,
+            world_size: world.world_size,
+        },
+        start_step..stop_after.map_or(total, |stop| stop.min(total)),
+    );
     for step in start_step..total {
         let started = Instant::now();
         let mut data_wait = 0.0;
@@ -323,10 +313,7 @@ fn train_on<AB: AutodiffBackend>(
             resume_at = batch.next;
 
             let shape = [batch.batch_size, batch.channels, batch.image_size, batch.image_size];
-            let first = pass * micro_batch * world.world_size + world.rank * micro_batch;
-            let sample_len = batch.channels * batch.image_size * batch.image_size;
-            let (dropped, times, noise) =
-                draw_randomness(job.train.seed, step, first, batch.batch_size, sample_len, job.train.text_drop_prob);
+            let PassRandomness { dropped, times, noise } = randomness.take(step, pass, batch.batch_size);
             let captions: Vec<&str> = batch
                 .captions
                 .iter()
@@ -339,9 +326,12 @@ fn train_on<AB: AutodiffBackend>(
                 x1: Tensor::<AB, 4>::from_data(TensorData::new(noise, shape), &device),
                 t: Tensor::<AB, 1>::from_data(TensorData::new(times, [batch.batch_size]), &device),
             };
-            let loss = flow_matching_loss(&model, flow, context, Some(mask));
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let loss = with_precision(job.train.precision, || flow_matching_loss(&model, flow, context, Some(mask)));
+            let loss_value_of_pass = loss.clone().detach();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
+            // Read after the backward is queued: reading first would leave a GPU idle while
+            // the host builds the backward.
+            loss_sum += loss_value_of_pass.into_scalar().elem::<f64>();
             if accumulation == 1 {
                 single_pass_grads = Some(grads);
             } else {
