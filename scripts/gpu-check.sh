@@ -4,11 +4,15 @@
 #                     `cargo build --release --no-default-features --features cuda,ndarray`
 #                     (no MPI: it starts on a machine without OpenMPI)
 #   bench/            a copy of ../shared/bench (torch_baseline.py)
-# It prints one JSON line per check: the card, ditrun's CUDA bench and PyTorch's on the same
-# card, right after each other, and a 1-rank NCCL all-reduce smoke test (72.6 MB averaged in
-# place on the GPU; `mean_is_exact` must be true), then the quickstart job trained on the GPU
-# with the seed model's size (its samples and log land in $OUT when that is set).
-#   usage: bash gpu-check.sh [DIR]        (DIR defaults to the script's folder)
+# It prints one JSON line per check, the ditrun and PyTorch runs of a batch size right after
+# each other: ditrun f32 with burn's fusion (`cuda`) and without (`cuda-nofusion`), ditrun
+# bf16, PyTorch eager f32 and PyTorch --tuned (bf16 autocast + SDPA + fused AdamW), at batch
+# 64 and 256; a 1-rank NCCL all-reduce smoke test (72.6 MB averaged in place on the GPU on a
+# fused tensor; `mean_is_exact` must be true); then the quickstart job trained on the GPU in
+# f32 and in bf16, each printing its final loss (samples and logs land in $OUT when set).
+#   usage: bash gpu-check.sh [DIR] [all|bench|quickstart]
+#          DIR defaults to the script's folder; each phase alone stays under 6 minutes, so
+#          that one phase can be rerun within a device session's budget.
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 dir="$(cd "${1:-$(dirname "$0")}" && pwd)"
@@ -30,18 +34,33 @@ run() {
     echo "== $*" >&2
     timeout "$limit" "$@" || { echo "{\"check\": \"$1\", \"failed\": $?}"; status=1; }
 }
+phase="${2:-all}"
 cd "$dir"
 run 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-run 150 ./ditrun bench --backend cuda --batch 64 --steps 20 --warmup 3
-run 75 python3 bench/torch_baseline.py --device cuda --batch 64 --steps 20
-run 75 python3 bench/torch_baseline.py --device cuda --batch 64 --steps 20 --clip
-run 45 ./ditrun bench --backend cuda --allreduce --steps 10
-cd "$repo"
-start=$(date +%s)
-RUST_LOG=info run 150 "$dir/ditrun" train --job jobs/quickstart.yaml --set train.backend=cuda \
-    --set model.dim=256 --set model.depth=6 --set train.steps=300 --set data.shards="$out/shards" \
-    --set checkpoint.url="$out/checkpoints" --set logging.dir="$out/tensorboard" --set sample.dir="$out/samples" \
-    2> >(tail -40 > "$out/train.log")
-echo "{\"check\": \"quickstart on cuda, seed-sized model\", \"wall_s\": $(( $(date +%s) - start ))}"
-rm -rf "$out/shards" "$out/checkpoints"
+if [ "$phase" = all ] || [ "$phase" = bench ]; then
+    for batch in 64 256; do
+        run 90 ./ditrun bench --backend cuda --batch $batch --steps 20 --warmup 5
+        run 90 ./ditrun bench --backend cuda-nofusion --batch $batch --steps 20 --warmup 5
+        run 90 ./ditrun bench --backend cuda --precision bf16 --batch $batch --steps 20 --warmup 5
+        run 60 python3 bench/torch_baseline.py --device cuda --batch $batch --steps 20
+        run 60 python3 bench/torch_baseline.py --device cuda --batch $batch --steps 20 --tuned
+    done
+    run 45 ./ditrun bench --backend cuda --allreduce --steps 10
+fi
+if [ "$phase" = all ] || [ "$phase" = quickstart ]; then
+    cd "$repo"
+    for precision in f32 bf16; do
+        start=$(date +%s)
+        run_out="$out/quickstart-$precision"
+        mkdir -p "$run_out"
+        # The outcome's JSON line (final_loss) goes to stdout; the log's tail to a file.
+        RUST_LOG=info run 150 "$dir/ditrun" train --job jobs/quickstart.yaml --set train.backend=cuda \
+            --set train.precision=$precision --set data.shards="$out/shards" \
+            --set checkpoint.url="$run_out/checkpoints" --set logging.dir="$run_out/tensorboard" \
+            --set sample.dir="$run_out/samples" 2> >(tail -40 > "$run_out/train.log")
+        echo "{\"check\": \"quickstart on cuda, $precision\", \"wall_s\": $(( $(date +%s) - start ))}"
+        rm -rf "$run_out/checkpoints"
+    done
+    rm -rf "$out/shards"
+fi
 exit $status
