@@ -24,6 +24,7 @@ pub mod sample;
 pub mod storage;
 pub mod text;
 pub mod train;
+pub mod training_state;
 pub mod viz;
 
 pub use error::{Error, Result};

@@ -349,7 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { view: Some(InspectView::Similarity { checkpoint, job, prompts, out, json }), .. } => {
             set_cpu_threads(all_cores());
             let job = match (&checkpoint, &job) {
-                (Some(url), _) => ditrun::train::job_of_checkpoint(&ditrun::checkpoint::load_url(url)?)?,
+                (Some(url), _) => ditrun::training_state::job_of_checkpoint(&ditrun::checkpoint::load_url(url)?)?,
                 (None, path) => ditrun::config::load_job(path.as_deref(), &[])?,
             };
             let report = ditrun::viz::similarity_for_job(&job, &prompts)?;

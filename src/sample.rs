@@ -134,11 +134,11 @@ pub trait CheckpointTask {
 /// weights configured, the same seeded initialisation as in training) and runs `task` on it.
 pub fn with_checkpoint<T: CheckpointTask>(url: &str, task: T) -> Result<(JobSpec, T::Output)> {
     let checkpoint = crate::checkpoint::load_url(url)?;
-    let job = crate::train::job_of_checkpoint(&checkpoint)?;
+    let job = crate::training_state::job_of_checkpoint(&checkpoint)?;
     let backend = job.train.backend.resolve()?;
     let output = crate::with_backend!(backend, B => {
         let device = burn::tensor::Device::<B>::default();
-        let model = crate::train::model_from_checkpoint::<B>(&checkpoint, &job.dit_config(), &device)?;
+        let model = crate::training_state::model_from_checkpoint::<B>(&checkpoint, &job.dit_config(), &device)?;
         let mut cache = TextEmbeddingCache::<B>::for_job(&job, &device)?;
         task.run::<B>(&job, &model, &mut cache)
     })?;

@@ -5,7 +5,6 @@
 mod params;
 mod randomness;
 mod schedule;
-mod state;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,11 +20,11 @@ use crate::kernels::autocast::{with_precision, Precision};
 use crate::optim::AdamWSettings;
 use randomness::{PassRandomness, RandomnessAhead, RandomnessPlan};
 
-pub use params::{global_grad_norm, scale_grads, update_ema, with_path_ids};
+pub use params::{global_grad_norm, scale_grads, update_ema};
 pub use schedule::learning_rate;
-pub use state::{
-    job_of_checkpoint, model_from_checkpoint, restore_optimizer, snapshot_from_bytes, snapshot_to_bytes,
-    TrainingState, EMA_FILE, JOB_KEY, MODEL_FILE, OPTIMIZER_FILE,
+pub use crate::training_state::{
+    restore_optimizer, snapshot_from_bytes, snapshot_to_bytes, with_path_ids, TrainingState, EMA_FILE, JOB_KEY,
+    MODEL_FILE, OPTIMIZER_FILE,
 };
 
 use crate::checkpoint::{CheckpointStore, LoadedCheckpoint};

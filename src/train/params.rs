@@ -1,33 +1,10 @@
-//! Parameter bookkeeping the optimiser needs across processes and restarts: ids derived from
-//! the parameter's path (so a reloaded model's optimiser state still matches its parameters),
-//! global gradient norm and clipping, and the EMA of the weights.
+//! Parameter bookkeeping of a step: global gradient norm and clipping, and the EMA of the
+//! weights.
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use sha2::{Digest, Sha256};
-
-/// Gives every parameter the id `hash(path)`: two processes, or one process before and after
-/// a restart, then agree on ids without storing them.
-pub fn with_path_ids<B: Backend, M: Module<B>>(module: M) -> M {
-    struct Renamer(Vec<String>);
-    impl<B: Backend> ModuleMapper<B> for Renamer {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.0.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let (_, tensor, mapper) = param.consume();
-            let digest = Sha256::digest(self.0.join(".").as_bytes());
-            let id = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
-            Param::from_mapped_value(ParamId::from(id), tensor, mapper)
-        }
-    }
-    module.map(&mut Renamer(Vec::new()))
-}
 
 /// Every parameter's id, in visiting order.
 fn param_ids<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamId> {

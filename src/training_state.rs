@@ -1,6 +1,12 @@
 //! What a checkpoint holds for training, and the conversion both ways: the DiT and its EMA as
 //! safetensors in PyTorch layout (readable by other tools), the AdamW moments as burn's binary
-//! record, and the step and data position as the checkpoint's state.
+//! record, the step and data position as the checkpoint's state, and the effective job. Sits
+//! between the model-agnostic `checkpoint` store and its users (`train` writes and resumes,
+//! `sample`, `inspect` and `viz` read a checkpoint's job and EMA weights).
+//!
+//! Invariants: parameter ids are hashes of their paths ([`with_path_ids`]), so an optimizer
+//! record saved by one process matches the model another process rebuilds; weights are stored
+//! in f32 whatever precision trained them.
 
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
@@ -9,7 +15,8 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use bytes::Bytes;
 
-use super::params::with_path_ids;
+use burn::module::{ModuleMapper, Param, ParamId};
+use sha2::{Digest, Sha256};
 use crate::checkpoint::{CheckpointState, LoadedCheckpoint};
 use crate::config::JobSpec;
 use crate::data::stream::StreamPosition;
@@ -22,6 +29,27 @@ pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 /// Key of the effective job YAML in the checkpoint state's `extra`.
 pub const JOB_KEY: &str = "job_yaml";
+
+/// Gives every parameter the id `hash(path)`: two processes, or one process before and after
+/// a restart, then agree on ids without storing them.
+pub fn with_path_ids<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Renamer(Vec<String>);
+    impl<B: Backend> ModuleMapper<B> for Renamer {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (_, tensor, mapper) = param.consume();
+            let digest = Sha256::digest(self.0.join(".").as_bytes());
+            let id = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+            Param::from_mapped_value(ParamId::from(id), tensor, mapper)
+        }
+    }
+    module.map(&mut Renamer(Vec::new()))
+}
 
 type OptimizerRecorder = BinBytesRecorder<FullPrecisionSettings>;
 
