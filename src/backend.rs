@@ -40,15 +40,23 @@ impl BackendKind {
     /// The GPU when built with one, else the fastest CPU backend measured on the seed's
     /// training step (README, "Performance").
     pub fn preferred() -> Self {
-        [BackendKind::Cuda, BackendKind::Ndarray, BackendKind::Flex, BackendKind::Candle]
-            .into_iter()
-            .find(|kind| kind.compiled_in() && (*kind != BackendKind::Cuda || cuda_driver_present()))
-            .unwrap_or(BackendKind::Ndarray)
+        [
+            BackendKind::Cuda,
+            BackendKind::Ndarray,
+            BackendKind::Flex,
+            BackendKind::Candle,
+        ]
+        .into_iter()
+        .find(|kind| kind.compiled_in() && (*kind != BackendKind::Cuda || cuda_driver_present()))
+        .unwrap_or(BackendKind::Ndarray)
     }
 
     /// Whether its tensors can hold bf16 (`train.precision: bf16`); burn-ndarray's cannot.
     pub fn has_bf16(self) -> bool {
-        matches!(self, BackendKind::Flex | BackendKind::Cuda | BackendKind::CudaNoFusion)
+        matches!(
+            self,
+            BackendKind::Flex | BackendKind::Cuda | BackendKind::CudaNoFusion
+        )
     }
 
     /// The cargo feature that compiles this backend in.
@@ -85,7 +93,9 @@ pub fn cuda_driver_present() -> bool {
         static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *PRESENT.get_or_init(|| {
             // SAFETY: loading the driver library runs only its own initialisers.
-            ["libcuda.so.1", "libcuda.so"].iter().any(|name| unsafe { libloading::Library::new(name) }.is_ok())
+            ["libcuda.so.1", "libcuda.so"]
+                .iter()
+                .any(|name| unsafe { libloading::Library::new(name) }.is_ok())
         })
     }
     #[cfg(not(feature = "cuda"))]
@@ -172,7 +182,9 @@ pub fn seeded<B: burn::tensor::backend::Backend, T>(
     seed: u64,
     init: impl FnOnce() -> T,
 ) -> T {
-    let _exclusive = RANDOM_INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _exclusive = RANDOM_INIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     B::seed(device, seed);
     init()
 }
@@ -181,7 +193,9 @@ pub fn seeded<B: burn::tensor::backend::Backend, T>(
 /// overwritten by loaded weights) without drawing from the generator while a [`seeded`]
 /// initialisation runs in another thread: that would change the seeded model.
 pub fn unseeded<T>(init: impl FnOnce() -> T) -> T {
-    let _exclusive = RANDOM_INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _exclusive = RANDOM_INIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     init()
 }
 

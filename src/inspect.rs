@@ -4,11 +4,16 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::data::shards::{read_index_at, INDEX_FILE};
 use crate::error::{Error, Result};
+use crate::storage::Location;
 
 pub fn inspect(target: &str) -> Result<Value> {
     let path = Path::new(target);
-    let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+    let is_yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
     if is_yaml && path.is_file() {
         let job = crate::config::load_job(Some(path), &[])?;
         return Ok(json!({
@@ -18,12 +23,12 @@ pub fn inspect(target: &str) -> Result<Value> {
             "effective": serde_json::to_value(&job).expect("a job serialises"),
         }));
     }
-    let url = crate::config::location_url(target)?;
-    if crate::storage::exists(&format!("{}/index.json", url.trim_end_matches('/')))? {
-        let index = crate::data::read_index(&url)?;
-        return Ok(json!({ "kind": "shards", "url": url, "index": index }));
+    let location = Location::parse(target)?;
+    if location.join(INDEX_FILE)?.exists()? {
+        let index = read_index_at(&location)?;
+        return Ok(json!({ "kind": "shards", "url": location.url(), "index": index }));
     }
-    match crate::checkpoint::load_url(&url) {
+    match crate::checkpoint::load_location(&location) {
         Ok(checkpoint) => Ok(json!({
             "kind": "checkpoint",
             "url": checkpoint.url,

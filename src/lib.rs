@@ -1,11 +1,23 @@
 //! ditrun: a data-parallel trainer for a text-conditional Diffusion Transformer trained with
-//! flow matching. One folder per concern:
-//! `model/` (DiT, CLIP text encoder, tokenizer, weight files), `flow/` (loss and samplers),
-//! `text/` (the frozen encoder and its caption cache), `data/` (datasets, caption shards, the
-//! streaming reader), `storage/` (URLs to object stores, weight downloads), `checkpoint/`
-//! (save, commit, retention, resume), `metrics/` (TensorBoard events, console progress),
-//! `config/` (job specs), `dist/` (ranks, collectives, the launcher), `train/` (the training loop), `viz/` (pictures: caption similarity); `sample`, `inspect` and `bench` back the
-//! subcommands of the same names.
+//! flow matching. One folder per concern, from the bottom up:
+//! - `error`, `storage` (one `Location` type for every path or store URL; weight downloads);
+//! - `kernels` (fused CPU kernels, the CUDA attention op, bf16 autocast, and the unfused ops
+//!   they replace), `backend` (which burn backend, thread pools), `model` (DiT, CLIP text
+//!   encoder, tokenizer, weight files), `flow` (loss, samplers, images from prompts), `text`
+//!   (the frozen encoder and its caption cache);
+//! - `data` (datasets, caption shards, the streaming reader), `checkpoint` (save, commit,
+//!   retention, verified loading — of any files), `metrics` (TensorBoard events, progress),
+//!   `viz` (pictures drawn from pixels and numbers), `config` (job specs), `dist` (ranks,
+//!   collectives, the launcher), `optim` (AdamW);
+//! - `training_state` (what a checkpoint holds for training: model, EMA, optimizer, job);
+//! - `train` (the trainer and the components around its steps), `sample`, `probe`,
+//!   `inspect` and `bench` (the subcommands of those names).
+//!
+//! Modules depend on each other without cycles: each uses only modules of its own line or an
+//! earlier one, and `viz` is a leaf that draws what its callers computed. Library code is
+//! generic over the burn backend; `main` picks it once per command (`with_backend!`), and
+//! `train::train_ranked` is the one library entry that picks it, from the job, for callers
+//! that embed training (the tests).
 
 pub mod backend;
 pub mod bench;
@@ -20,6 +32,7 @@ pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod probe;
 pub mod sample;
 pub mod storage;
 pub mod text;

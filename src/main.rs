@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,13 +9,18 @@ use ditrun::backend::{set_cpu_threads, BackendKind};
 use ditrun::bench::{self, BenchOptions};
 use ditrun::data::{DatasetKind, PrepareOptions, Split};
 use ditrun::dist::World;
-use ditrun::flow::Sampler;
+use ditrun::flow::{SampleOptions, Sampler};
 use ditrun::kernels::autocast::Precision;
 use ditrun::model::{ClipTextConfig, TextDiTConfig};
+use ditrun::sample::TrainedCheckpoint;
 use ditrun::train::Resume;
 
 #[derive(Parser)]
-#[command(name = "ditrun", version, about = "Train a text-conditional Diffusion Transformer with flow matching")]
+#[command(
+    name = "ditrun",
+    version,
+    about = "Train a text-conditional Diffusion Transformer with flow matching"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,30 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Write a dataset as caption shards (WebDataset tar + index.json) to a path or store URL.
-    Prepare {
-        dataset: DatasetKind,
-        /// Where the shards go: a path, file://, s3://, gs://, az:// or memory:// URL.
-        #[arg(long)]
-        out: String,
-        /// The raw dataset: CIFAR-10 archive (path or URL; default: the official download),
-        /// Fashion-MNIST IDX folder (default: /usr/share/datasets/fashion-mnist).
-        #[arg(long)]
-        source: Option<String>,
-        #[arg(long, value_enum, default_value_t = Split::Train)]
-        split: Split,
-        /// Samples to write (default: the whole split; synthetic: 1,000).
-        #[arg(long)]
-        samples: Option<usize>,
-        #[arg(long, default_value_t = ditrun::data::prepare::DEFAULT_SAMPLES_PER_SHARD)]
-        samples_per_shard: usize,
-        /// Synthetic data only: image size and channels.
-        #[arg(long)]
-        image_size: Option<usize>,
-        #[arg(long)]
-        channels: Option<usize>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Prepare(PrepareArgs),
     /// Train. With no --job, the built-in quickstart (= jobs/quickstart.yaml).
     Train {
         /// Job spec (YAML).
@@ -120,39 +102,68 @@ enum Command {
     },
     /// Time full training steps of the seed model (loss, backward, AdamW) and print one JSON
     /// line with images/s.
-    Bench {
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        /// Timed steps (the median is reported).
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
-        /// Untimed steps first.
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        #[arg(long, value_enum, default_value_t = BackendKind::preferred())]
-        backend: BackendKind,
-        /// Encode every batch's captions with CLIP (the seed's loop) instead of the cache.
-        #[arg(long)]
-        clip: bool,
-        /// Time only the gradient all-reduce of the seed model (72.6 MB) between the ranks
-        /// (`mpirun -np N ditrun bench --allreduce`), against a memcpy of the same buffer.
-        #[arg(long)]
-        allreduce: bool,
-        /// Also time each kind of operation alone at the model's shapes (forward and
-        /// backward, times its calls per step) and print a table against the whole step.
-        #[arg(long)]
-        profile: bool,
-        /// The matrix products' dtype: bf16 keeps f32 master weights, statistics and
-        /// reductions (as `train.precision`).
-        #[arg(long, value_enum, default_value_t = Precision::F32)]
-        precision: Precision,
-        /// Run burn's own ops instead of ditrun's fused CPU kernels (to compare).
-        #[arg(long)]
-        unfused: bool,
-    },
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    dataset: DatasetKind,
+    /// Where the shards go: a path, file://, s3://, gs://, az:// or memory:// URL.
+    #[arg(long)]
+    out: String,
+    /// The raw dataset: CIFAR-10 archive (path or URL; default: the official download),
+    /// Fashion-MNIST IDX folder (default: /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long, value_enum, default_value_t = Split::Train)]
+    split: Split,
+    /// Samples to write (default: the whole split; synthetic: 1,000).
+    #[arg(long)]
+    samples: Option<usize>,
+    #[arg(long, default_value_t = ditrun::data::prepare::DEFAULT_SAMPLES_PER_SHARD)]
+    samples_per_shard: usize,
+    /// Synthetic data only: image size and channels.
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    channels: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, value_enum, default_value_t = BackendKind::preferred())]
+    backend: BackendKind,
+    /// Encode every batch's captions with CLIP (the seed's loop) instead of the cache.
+    #[arg(long)]
+    clip: bool,
+    /// Time only the gradient all-reduce of the seed model (72.6 MB) between the ranks
+    /// (`mpirun -np N ditrun bench --allreduce`), against a memcpy of the same buffer.
+    #[arg(long)]
+    allreduce: bool,
+    /// Also time each kind of operation alone at the model's shapes (forward and
+    /// backward, times its calls per step) and print a table against the whole step.
+    #[arg(long)]
+    profile: bool,
+    /// The matrix products' dtype: bf16 keeps f32 master weights, statistics and
+    /// reductions (as `train.precision`).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+    /// Run burn's own ops instead of ditrun's fused CPU kernels (to compare).
+    #[arg(long)]
+    unfused: bool,
 }
 
 /// How `sample` and `inspect cross-attention` integrate from noise to image.
@@ -172,8 +183,14 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn options(&self, per_prompt: usize) -> ditrun::sample::SampleOptions {
-        ditrun::sample::SampleOptions { cfg: self.cfg, steps: self.steps, sampler: self.sampler, per_prompt, seed: self.seed }
+    fn options(&self, per_prompt: usize) -> SampleOptions {
+        SampleOptions {
+            cfg: self.cfg,
+            steps: self.steps,
+            sampler: self.sampler,
+            per_prompt,
+            seed: self.seed,
+        }
     }
 }
 
@@ -241,7 +258,9 @@ enum InspectView {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -255,181 +274,386 @@ fn main() -> ExitCode {
 }
 
 fn all_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// One rank of `ditrun train` (the only one without a launcher). A rank that fails ends the
 /// whole job at once, so that the others do not wait for it until their collective timeout.
-fn train_rank(job: Option<PathBuf>, overrides: &[String], resume: &Resume, stop_after: Option<u64>) -> anyhow::Result<()> {
+fn train_rank(
+    job: Option<PathBuf>,
+    overrides: &[String],
+    resume: &Resume,
+    stop_after: Option<u64>,
+) -> anyhow::Result<()> {
     let world = World::from_env()?;
     let job = ditrun::config::load_job(job.as_deref(), overrides)?;
-    set_cpu_threads(job.train.threads.unwrap_or_else(|| world.default_cpu_threads()));
-    let gpu_ordinal = job.train.backend.resolve()?.is_gpu().then_some(world.local_rank);
-    let collective = ditrun::dist::connect(&world, Duration::from_secs_f64(job.dist.timeout_secs), gpu_ordinal)?;
-    let _rank_span = world.is_distributed().then(|| tracing::info_span!("rank", rank = world.rank).entered());
+    set_cpu_threads(
+        job.train
+            .threads
+            .unwrap_or_else(|| world.default_cpu_threads()),
+    );
+    let gpu_ordinal = job
+        .train
+        .backend
+        .resolve()?
+        .is_gpu()
+        .then_some(world.local_rank);
+    let collective = ditrun::dist::connect(
+        &world,
+        Duration::from_secs_f64(job.dist.timeout_secs),
+        gpu_ordinal,
+    )?;
+    let _rank_span = world
+        .is_distributed()
+        .then(|| tracing::info_span!("rank", rank = world.rank).entered());
     match ditrun::train::train_ranked(&job, resume, stop_after, &world, collective.as_ref()) {
         Ok(outcome) => {
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
         }
         Err(error) if world.is_distributed() => {
-            tracing::error!("rank {} of {} failed: {error}", world.rank, world.world_size);
-            eprintln!("error: rank {} of {}: {error:#}", world.rank, world.world_size);
+            tracing::error!(
+                "rank {} of {} failed: {error}",
+                world.rank,
+                world.world_size
+            );
+            eprintln!(
+                "error: rank {} of {}: {error:#}",
+                world.rank, world.world_size
+            );
             collective.abort(1)
         }
         Err(error) => Err(error.into()),
     }
 }
 
+/// `ditrun sample`: the files written (a grid, one PNG per image, or the CFG sweep's grid).
+fn sample(
+    checkpoint: &str,
+    prompts: &[String],
+    options: &SampleOptions,
+    out: Option<&Path>,
+    out_dir: Option<&Path>,
+    cfg_sweep: Option<&[f64]>,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let trained = TrainedCheckpoint::load(checkpoint)?;
+    let written = ditrun::with_backend!(trained.backend()?, B => match cfg_sweep {
+        Some(scales) => {
+            let out = out.expect("clap requires --out with --cfg-sweep");
+            ditrun::sample::sweep_checkpoint::<B>(&trained, prompts, scales, options, out).map(|path| vec![path])
+        }
+        None => ditrun::sample::sample_checkpoint::<B>(&trained, prompts, options, out, out_dir),
+    })?;
+    Ok(written)
+}
+
+/// `ditrun inspect <view>`: looks inside a trained model (or its text encoder) and prints, and
+/// with `--out` draws, what it found.
+fn inspect_model(view: InspectView) -> anyhow::Result<()> {
+    match view {
+        InspectView::Shapes {
+            checkpoint,
+            per_caption,
+            sampling,
+            out,
+            json,
+        } => {
+            let trained = TrainedCheckpoint::load(&checkpoint)?;
+            let options = sampling.options(per_caption);
+            let score = ditrun::with_backend!(trained.backend()?, B => {
+                ditrun::sample::score_synthetic::<B>(&trained, &options, out.as_deref())
+            })?;
+            let text = if json {
+                serde_json::to_string(&score)?
+            } else {
+                score.table()
+            };
+            println!("{text}");
+        }
+        InspectView::Similarity {
+            checkpoint,
+            job,
+            prompts,
+            out,
+            json,
+        } => inspect_similarity(
+            checkpoint.as_deref(),
+            job.as_deref(),
+            &prompts,
+            out.as_deref(),
+            json,
+        )?,
+        InspectView::CrossAttention {
+            checkpoint,
+            prompt,
+            block,
+            times,
+            sampling,
+            out,
+            json,
+        } => {
+            let trained = TrainedCheckpoint::load(&checkpoint)?;
+            let options = sampling.options(1);
+            let report = ditrun::with_backend!(trained.backend()?, B => {
+                let (model, mut cache) = trained.ema_model::<B>()?;
+                ditrun::probe::cross_attention_maps(&model, &mut cache, &prompt, &options, block, &times)
+            })?;
+            if let Some(path) = &out {
+                write_picture(&ditrun::viz::render_cross_attention(&report), path)?;
+                println!("{}", path.display());
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ditrun inspect similarity`: the text encoder of a checkpoint's job or of a job file.
+fn inspect_similarity(
+    checkpoint: Option<&str>,
+    job: Option<&Path>,
+    prompts: &[String],
+    out: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let job = match checkpoint {
+        Some(url) => TrainedCheckpoint::load(url)?.job,
+        None => ditrun::config::load_job(job, &[])?,
+    };
+    let (weights, encoder, seed) = (
+        job.text_encoder.weights.as_deref(),
+        job.clip_config(),
+        job.train.seed,
+    );
+    let report = ditrun::with_backend!(job.train.backend.resolve()?, B => {
+        ditrun::probe::similarity_report::<B>(weights, &encoder, seed, prompts)
+    })?;
+    if let Some(path) = out {
+        write_picture(&ditrun::viz::render_similarity(&report), path)?;
+    }
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for (i, (prompt, row)) in report.prompts.iter().zip(&report.matrix).enumerate() {
+            let cells: Vec<String> = row.iter().map(|v| format!("{v:6.3}")).collect();
+            println!("{:>2} {}  {}", i + 1, cells.join(" "), prompt);
+        }
+    }
+    Ok(())
+}
+
+/// A picture as a PNG file; an error names the file.
+fn write_picture(canvas: &ditrun::viz::Canvas, path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, canvas.to_png()?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// `ditrun prepare`: writes the shards and prints their index.
+fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
+    let PrepareArgs {
+        dataset,
+        out,
+        source,
+        split,
+        samples,
+        samples_per_shard,
+        image_size,
+        channels,
+        seed,
+    } = args;
+    let mut options = PrepareOptions::new(dataset, &ditrun::config::location_url(&out)?);
+    options.source = source;
+    options.split = split;
+    options.samples = samples;
+    options.samples_per_shard = samples_per_shard;
+    options.image_size = image_size;
+    options.channels = channels;
+    options.seed = seed;
+    let index = ditrun::data::prepare_with(&options)?;
+    println!("{}", serde_json::to_string_pretty(&index)?);
+    Ok(())
+}
+
+/// `ditrun launch`: mpirun with one rank per GPU (or core), restarting from the latest
+/// checkpoint when a rank dies; exits with the job's code.
+fn launch(
+    nproc_per_node: &str,
+    max_restarts: u32,
+    mpirun: String,
+    mpirun_args: Vec<String>,
+    command: Vec<String>,
+) -> anyhow::Result<()> {
+    let ranks = match nproc_per_node {
+        "auto" => None,
+        n => Some(n.parse::<usize>().map_err(|_| {
+            anyhow::anyhow!("--nproc-per-node: expected a number or auto, got {n:?}")
+        })?),
+    };
+    let options = ditrun::dist::launch::LaunchOptions {
+        ranks,
+        max_restarts,
+        command,
+        program: std::env::current_exe()?,
+        mpirun,
+        mpirun_args,
+    };
+    let code = ditrun::dist::launch::launch(&options)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// `ditrun bench`: on every rank under mpirun (gradients averaged as in training); rank 0
+/// prints the report.
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let BenchArgs {
+        batch,
+        steps,
+        warmup,
+        threads,
+        backend,
+        clip,
+        allreduce,
+        profile,
+        precision,
+        unfused,
+    } = args;
+    ditrun::kernels::set_fused(!unfused);
+    if backend.is_gpu() && !ditrun::backend::cuda_driver_present() {
+        anyhow::bail!(
+            "--backend {}: this machine has no NVIDIA driver (libcuda.so.1 not found)",
+            backend.name()
+        );
+    }
+    // Under mpirun every rank benchmarks and gradients are averaged as in training;
+    // rank 0 prints the report.
+    let world = World::from_env()?;
+    let threads = threads.unwrap_or_else(|| world.default_cpu_threads());
+    set_cpu_threads(threads);
+    let gpu_ordinal = backend.is_gpu().then_some(world.local_rank);
+    let collective = ditrun::dist::connect(&world, Duration::from_secs(600), gpu_ordinal)?;
+    // One GPU and no launcher: the all-reduce still goes through NCCL, as a smoke test.
+    #[cfg(feature = "cuda")]
+    let collective = match gpu_ordinal {
+        Some(ordinal) if allreduce && !world.is_distributed() && collective.device().is_none() => {
+            ditrun::dist::nccl_single_process(ordinal)?
+        }
+        _ => collective,
+    };
+    let options = BenchOptions {
+        backend,
+        batch,
+        steps: steps.max(1),
+        warmup,
+        threads,
+        clip_per_batch: clip,
+        precision,
+        model: TextDiTConfig::new(),
+        text: ClipTextConfig::new(),
+    };
+    let what = if allreduce {
+        BenchWhat::AllReduce
+    } else if profile && world.is_primary() {
+        BenchWhat::Profile
+    } else {
+        BenchWhat::Steps
+    };
+    let report = ditrun::with_backend!(backend, B => Ok(bench_on::<B>(&options, what, collective.as_ref())))??;
+    if world.is_primary() {
+        println!("{report}");
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Prepare { dataset, out, source, split, samples, samples_per_shard, image_size, channels, seed } => {
-            let mut options = PrepareOptions::new(dataset, &ditrun::config::location_url(&out)?);
-            options.source = source;
-            options.split = split;
-            options.samples = samples;
-            options.samples_per_shard = samples_per_shard;
-            options.image_size = image_size;
-            options.channels = channels;
-            options.seed = seed;
-            let index = ditrun::data::prepare_with(&options)?;
-            println!("{}", serde_json::to_string_pretty(&index)?);
-        }
-        Command::Train { job, overrides, resume, stop_after } => train_rank(job, &overrides, &resume, stop_after)?,
-        Command::Launch { nproc_per_node, max_restarts, mpirun, mpirun_args, command } => {
-            let ranks = match nproc_per_node.as_str() {
-                "auto" => None,
-                n => Some(n.parse::<usize>().map_err(|_| {
-                    anyhow::anyhow!("--nproc-per-node: expected a number or auto, got {n:?}")
-                })?),
-            };
-            let options = ditrun::dist::launch::LaunchOptions {
-                ranks,
-                max_restarts,
-                command,
-                program: std::env::current_exe()?,
-                mpirun,
-                mpirun_args,
-            };
-            let code = ditrun::dist::launch::launch(&options)?;
-            if code != 0 {
-                std::process::exit(code);
-            }
-        }
-        Command::Sample { checkpoint, prompts, sampling, per_prompt, out, out_dir, cfg_sweep } => {
+        Command::Prepare(args) => prepare(args)?,
+        Command::Train {
+            job,
+            overrides,
+            resume,
+            stop_after,
+        } => train_rank(job, &overrides, &resume, stop_after)?,
+        Command::Launch {
+            nproc_per_node,
+            max_restarts,
+            mpirun,
+            mpirun_args,
+            command,
+        } => launch(&nproc_per_node, max_restarts, mpirun, mpirun_args, command)?,
+        Command::Sample {
+            checkpoint,
+            prompts,
+            sampling,
+            per_prompt,
+            out,
+            out_dir,
+            cfg_sweep,
+        } => {
             set_cpu_threads(all_cores());
-            let request = ditrun::sample::SampleRequest {
-                checkpoint,
-                prompts,
-                options: sampling.options(per_prompt),
-            };
-            if let Some(scales) = cfg_sweep {
-                let out = out.expect("clap requires --out with --cfg-sweep");
-                println!("{}", ditrun::sample::sweep_checkpoint(&request, &scales, &out)?.display());
-                return Ok(());
-            }
-            let written = ditrun::sample::sample_checkpoint(&request, out.as_deref(), out_dir.as_deref())?;
-            for path in written {
+            let options = sampling.options(per_prompt);
+            for path in sample(
+                &checkpoint,
+                &prompts,
+                &options,
+                out.as_deref(),
+                out_dir.as_deref(),
+                cfg_sweep.as_deref(),
+            )? {
                 println!("{}", path.display());
             }
         }
         Command::Inspect { view: None, target } => {
             let target = target.expect("clap requires a target without a subcommand");
-            println!("{}", serde_json::to_string_pretty(&ditrun::inspect::inspect(&target)?)?);
-        }
-        Command::Inspect { view: Some(InspectView::Shapes { checkpoint, per_caption, sampling, out, json }), .. } => {
-            set_cpu_threads(all_cores());
-            let score = ditrun::sample::score_synthetic(&checkpoint, &sampling.options(per_caption), out.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string(&score)?);
-            } else {
-                println!("{}", score.table());
-            }
-        }
-        Command::Inspect { view: Some(InspectView::Similarity { checkpoint, job, prompts, out, json }), .. } => {
-            set_cpu_threads(all_cores());
-            let job = match (&checkpoint, &job) {
-                (Some(url), _) => ditrun::training_state::job_of_checkpoint(&ditrun::checkpoint::load_url(url)?)?,
-                (None, path) => ditrun::config::load_job(path.as_deref(), &[])?,
-            };
-            let report = ditrun::viz::similarity_for_job(&job, &prompts)?;
-            if let Some(path) = &out {
-                let png = ditrun::viz::render_similarity(&report).to_png()?;
-                std::fs::write(path, png).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            }
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                for (i, (prompt, row)) in report.prompts.iter().zip(&report.matrix).enumerate() {
-                    let cells: Vec<String> = row.iter().map(|v| format!("{v:6.3}")).collect();
-                    println!("{:>2} {}  {}", i + 1, cells.join(" "), prompt);
-                }
-            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ditrun::inspect::inspect(&target)?)?
+            );
         }
         Command::Inspect {
-            view: Some(InspectView::CrossAttention { checkpoint, prompt, block, times, sampling, out, json }),
-            ..
+            view: Some(view), ..
         } => {
             set_cpu_threads(all_cores());
-            let options = sampling.options(1);
-            let task = ditrun::viz::CrossAttentionTask { prompt: &prompt, options: &options, block, times: &times };
-            let (_, report) = ditrun::sample::with_checkpoint(&checkpoint, task)?;
-            if let Some(path) = &out {
-                let png = ditrun::viz::render_cross_attention(&report).to_png()?;
-                std::fs::write(path, png).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                println!("{}", path.display());
-            }
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            }
+            inspect_model(view)?;
         }
-        Command::Bench { batch, steps, warmup, threads, backend, clip, allreduce, profile, precision, unfused } => {
-            ditrun::kernels::set_fused(!unfused);
-            if backend.is_gpu() && !ditrun::backend::cuda_driver_present() {
-                anyhow::bail!("--backend {}: this machine has no NVIDIA driver (libcuda.so.1 not found)", backend.name());
-            }
-            // Under mpirun every rank benchmarks and gradients are averaged as in training;
-            // rank 0 prints the report.
-            let world = World::from_env()?;
-            let threads = threads.unwrap_or_else(|| world.default_cpu_threads());
-            set_cpu_threads(threads);
-            let gpu_ordinal = backend.is_gpu().then_some(world.local_rank);
-            let collective = ditrun::dist::connect(&world, Duration::from_secs(600), gpu_ordinal)?;
-            // One GPU and no launcher: the all-reduce still goes through NCCL, as a smoke test.
-            #[cfg(feature = "cuda")]
-            let collective = match gpu_ordinal {
-                Some(ordinal) if allreduce && !world.is_distributed() && collective.device().is_none() => {
-                    ditrun::dist::nccl_single_process(ordinal)?
-                }
-                _ => collective,
-            };
-            let report = if allreduce {
-                serde_json::to_string(&bench::allreduce(backend, collective.as_ref(), bench::SEED_MODEL_PARAMS, steps.max(1))?)?
-            } else {
-                let options = BenchOptions {
-                    backend,
-                    batch,
-                    steps: steps.max(1),
-                    warmup,
-                    threads,
-                    clip_per_batch: clip,
-                    precision,
-                    model: TextDiTConfig::new(),
-                    text: ClipTextConfig::new(),
-                };
-                let report = bench::run(&options, collective.as_ref())?;
-                let line = serde_json::to_string(&report)?;
-                if profile && world.is_primary() {
-                    let table = bench::profile_step(&options, report.context_tokens, report.step_s)?.table();
-                    format!("{line}\n\n{table}")
-                } else {
-                    line
-                }
-            };
-            if world.is_primary() {
-                println!("{report}");
-            }
-        }
+        Command::Bench(args) => bench(args)?,
     }
     Ok(())
+}
+
+/// What `ditrun bench` measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BenchWhat {
+    Steps,
+    /// The steps, then each op alone (`--profile`).
+    Profile,
+    AllReduce,
+}
+
+/// `ditrun bench` on the backend `B`: its report as printed (a JSON line, and a table).
+fn bench_on<B: burn::prelude::Backend>(
+    options: &BenchOptions,
+    what: BenchWhat,
+    collective: &dyn ditrun::dist::Collective,
+) -> anyhow::Result<String> {
+    if what == BenchWhat::AllReduce {
+        let report = bench::allreduce::<B>(
+            options.backend,
+            collective,
+            bench::SEED_MODEL_PARAMS,
+            options.steps,
+        )?;
+        return Ok(serde_json::to_string(&report).expect("a report serialises"));
+    }
+    let report = bench::run::<B>(options, collective)?;
+    let line = serde_json::to_string(&report).expect("a report serialises");
+    if what != BenchWhat::Profile {
+        return Ok(line);
+    }
+    let table = bench::profile_step::<B>(options, report.context_tokens, report.step_s).table();
+    Ok(format!("{line}\n\n{table}"))
 }

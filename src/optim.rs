@@ -436,30 +436,7 @@ impl<B: Backend> DeviceAdamW<B> {
         // Normally every parameter has a gradient and all have taken the same number of steps:
         // one group, one pass. Otherwise one pass per distinct step count (the bias corrections
         // are scalars per pass), parameters without a gradient left out (burn's semantics).
-        let mut by_time: Vec<Group<B>> = Vec::new();
-        let mut placed: Vec<(ParamState, DeviceEntry<B>)> = entries
-            .into_iter()
-            .map(|entry| (self.state_of(entry.id, &entry.dims), entry))
-            .collect();
-        placed.sort_by_key(|(state, _)| state.offset);
-        for (state, entry) in placed {
-            let index = match by_time.iter().position(|g| g.time == state.time) {
-                Some(index) => index,
-                None => {
-                    by_time.push(Group {
-                        time: state.time,
-                        members: Vec::new(),
-                        len: 0,
-                    });
-                    by_time.len() - 1
-                }
-            };
-            let span = self.span(state.len());
-            let group = &mut by_time[index];
-            group.members.push((state.offset, group.len, entry));
-            group.len += span;
-        }
-
+        let by_time = self.groups_by_time(entries);
         let mut values = HashMap::new();
         // Where each updated parameter's new moments are: (group, local offset) by global offset.
         let mut updated: HashMap<usize, (usize, usize)> = HashMap::new();
@@ -506,6 +483,49 @@ impl<B: Backend> DeviceAdamW<B> {
             new_moments.push((m, v));
         }
 
+        self.moments =
+            Some(self.rebuild_moments(&updated, &new_moments, old.as_ref(), &device, dtype));
+        values
+    }
+
+    /// The entries grouped by the steps their parameters took, in offset order.
+    fn groups_by_time(&mut self, entries: Vec<DeviceEntry<B>>) -> Vec<Group<B>> {
+        let mut by_time: Vec<Group<B>> = Vec::new();
+        let mut placed: Vec<(ParamState, DeviceEntry<B>)> = entries
+            .into_iter()
+            .map(|entry| (self.state_of(entry.id, &entry.dims), entry))
+            .collect();
+        placed.sort_by_key(|(state, _)| state.offset);
+        for (state, entry) in placed {
+            let index = match by_time.iter().position(|g| g.time == state.time) {
+                Some(index) => index,
+                None => {
+                    by_time.push(Group {
+                        time: state.time,
+                        members: Vec::new(),
+                        len: 0,
+                    });
+                    by_time.len() - 1
+                }
+            };
+            let span = self.span(state.len());
+            let group = &mut by_time[index];
+            group.members.push((state.offset, group.len, entry));
+            group.len += span;
+        }
+
+        by_time
+    }
+
+    /// The new moment buffers: updated spans from their group's, the others as they were.
+    fn rebuild_moments(
+        &self,
+        updated: &HashMap<usize, (usize, usize)>,
+        new_moments: &[Moments<B>],
+        old: Option<&Moments<B>>,
+        device: &B::Device,
+        dtype: burn::tensor::DType,
+    ) -> Moments<B> {
         // The new buffers: updated spans from their group, the others as they were.
         let mut order: Vec<(usize, usize)> = self
             .states
@@ -533,17 +553,16 @@ impl<B: Backend> DeviceAdamW<B> {
                 .map(|&(source, global, local, len)| {
                     let buffer = match source {
                         Some(group) => pick(&new_moments[group]),
-                        None => pick(old.as_ref().expect("parameters kept from earlier steps")),
+                        None => pick(old.expect("parameters kept from earlier steps")),
                     };
                     (global, part(buffer, local, len))
                 })
                 .collect();
-            assemble(pieces, self.len, &device, dtype)
+            assemble(pieces, self.len, device, dtype)
         };
         let m = rebuild(|(m, _)| m);
         let v = rebuild(|(_, v)| v);
-        self.moments = Some((m, v));
-        values
+        (m, v)
     }
 
     /// Contiguous runs (global offset, local offset, elements) of a group's members.

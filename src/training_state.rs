@@ -15,14 +15,14 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use bytes::Bytes;
 
-use burn::module::{ModuleMapper, Param, ParamId};
-use sha2::{Digest, Sha256};
 use crate::checkpoint::{CheckpointState, LoadedCheckpoint};
 use crate::config::JobSpec;
 use crate::data::stream::StreamPosition;
 use crate::error::{Error, Result};
 use crate::model::weights::{load_module, module_to_safetensors, SafetensorsFile};
 use crate::model::{TextConditionalDiT, TextDiTConfig};
+use burn::module::{ModuleMapper, Param, ParamId};
+use sha2::{Digest, Sha256};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
@@ -53,6 +53,23 @@ pub fn with_path_ids<B: Backend, M: Module<B>>(module: M) -> M {
 
 type OptimizerRecorder = BinBytesRecorder<FullPrecisionSettings>;
 
+/// The effective job as a checkpoint records it: its hash (to notice a resume under another
+/// config) and its YAML (so that `sample` and `inspect` rebuild the model without the file).
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    pub config_hash: String,
+    pub yaml: String,
+}
+
+impl JobRecord {
+    pub fn of(job: &JobSpec) -> Self {
+        Self {
+            config_hash: job.hash(),
+            yaml: job.to_yaml(),
+        }
+    }
+}
+
 pub struct TrainingState<AB: AutodiffBackend> {
     pub model: TextConditionalDiT<AB>,
     pub ema: TextConditionalDiT<AB::InnerBackend>,
@@ -65,7 +82,15 @@ pub struct TrainingState<AB: AutodiffBackend> {
 impl<AB: AutodiffBackend> TrainingState<AB> {
     pub fn start(model: TextConditionalDiT<AB>) -> Self {
         let ema = model.valid();
-        Self { model, ema, step: 0, position: StreamPosition { epoch: 0, position: 0 } }
+        Self {
+            model,
+            ema,
+            step: 0,
+            position: StreamPosition {
+                epoch: 0,
+                position: 0,
+            },
+        }
     }
 
     /// Loads weights and EMA into `fresh` (a model of the job's sizes, with path ids).
@@ -78,7 +103,10 @@ impl<AB: AutodiffBackend> TrainingState<AB> {
             model,
             ema,
             step: state.step,
-            position: StreamPosition { epoch: state.epoch, position: state.position },
+            position: StreamPosition {
+                epoch: state.epoch,
+                position: state.position,
+            },
         })
     }
 
@@ -89,25 +117,31 @@ impl<AB: AutodiffBackend> TrainingState<AB> {
         optimizer: &O,
         step: u64,
         position: StreamPosition,
-        job: &JobSpec,
+        job: &JobRecord,
     ) -> Result<(CheckpointState, Vec<(String, Bytes)>)> {
         let optimizer_bytes = OptimizerRecorder::default()
             .record(optimizer.to_record(), ())
             .map_err(|e| Error::Training(format!("cannot serialise the optimiser state: {e}")))?;
         let files = vec![
-            (MODEL_FILE.to_string(), Bytes::from(module_to_safetensors::<AB, _>(model)?)),
-            (EMA_FILE.to_string(), Bytes::from(module_to_safetensors::<AB::InnerBackend, _>(ema)?)),
+            (
+                MODEL_FILE.to_string(),
+                Bytes::from(module_to_safetensors::<AB, _>(model)?),
+            ),
+            (
+                EMA_FILE.to_string(),
+                Bytes::from(module_to_safetensors::<AB::InnerBackend, _>(ema)?),
+            ),
             (OPTIMIZER_FILE.to_string(), Bytes::from(optimizer_bytes)),
         ];
         let state = CheckpointState {
             step,
             epoch: position.epoch,
             position: position.position,
-            config_hash: job.hash(),
+            config_hash: job.config_hash.clone(),
             world_size: 1,
             // The effective job travels with the weights, so `ditrun sample` and `inspect`
             // know the model's sizes and text encoder without the job file.
-            extra: serde_json::json!({ JOB_KEY: job.to_yaml() }),
+            extra: serde_json::json!({ JOB_KEY: job.yaml }),
             ..Default::default()
         };
         Ok((state, files))
@@ -121,7 +155,10 @@ pub fn restore_optimizer<AB: AutodiffBackend, O: Optimizer<TextConditionalDiT<AB
     checkpoint: &LoadedCheckpoint,
     device: &AB::Device,
 ) -> Result<O> {
-    let bytes = checkpoint.files.get(OPTIMIZER_FILE).ok_or_else(|| missing(checkpoint, OPTIMIZER_FILE))?;
+    let bytes = checkpoint
+        .files
+        .get(OPTIMIZER_FILE)
+        .ok_or_else(|| missing(checkpoint, OPTIMIZER_FILE))?;
     let record = Recorder::<AB>::load(&OptimizerRecorder::default(), bytes.to_vec(), device)
         .map_err(|e| Error::CheckpointFile {
             checkpoint: checkpoint.url.clone(),
@@ -140,7 +177,10 @@ fn missing(checkpoint: &LoadedCheckpoint, file: &str) -> Error {
 }
 
 fn checkpoint_file(checkpoint: &LoadedCheckpoint, file: &str) -> Result<SafetensorsFile> {
-    let bytes = checkpoint.files.get(file).ok_or_else(|| missing(checkpoint, file))?;
+    let bytes = checkpoint
+        .files
+        .get(file)
+        .ok_or_else(|| missing(checkpoint, file))?;
     SafetensorsFile::from_bytes(format!("{}/{file}", checkpoint.url), bytes.to_vec())
 }
 
@@ -156,20 +196,30 @@ pub fn model_from_checkpoint<B: Backend>(
 
 /// The job a checkpoint was trained with (stored by [`TrainingState::pack`]).
 pub fn job_of_checkpoint(checkpoint: &LoadedCheckpoint) -> Result<JobSpec> {
-    let yaml = checkpoint.state.extra.get(JOB_KEY).and_then(|v| v.as_str()).ok_or_else(|| {
-        Error::CheckpointFile {
+    let yaml = checkpoint
+        .state
+        .extra
+        .get(JOB_KEY)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::CheckpointFile {
             checkpoint: checkpoint.url.clone(),
             file: crate::checkpoint::STATE_FILE.into(),
             problem: format!("has no `extra.{JOB_KEY}`: not written by `ditrun train`"),
-        }
-    })?;
-    JobSpec::from_yaml(yaml, &format!("{}/{}", checkpoint.url, crate::checkpoint::STATE_FILE))
+        })?;
+    JobSpec::from_yaml(
+        yaml,
+        &format!("{}/{}", checkpoint.url, crate::checkpoint::STATE_FILE),
+    )
 }
 
 /// A checkpoint as one byte string (header length, JSON header, then the files back to
 /// back): how rank 0 hands its starting state to the other ranks.
 pub fn snapshot_to_bytes(checkpoint: &LoadedCheckpoint) -> Vec<u8> {
-    let sizes: Vec<(&String, usize)> = checkpoint.files.iter().map(|(name, bytes)| (name, bytes.len())).collect();
+    let sizes: Vec<(&String, usize)> = checkpoint
+        .files
+        .iter()
+        .map(|(name, bytes)| (name, bytes.len()))
+        .collect();
     let header = serde_json::to_vec(&serde_json::json!({
         "url": checkpoint.url,
         "state": checkpoint.state,
@@ -194,17 +244,31 @@ pub fn snapshot_from_bytes(bytes: &[u8]) -> Result<LoadedCheckpoint> {
         state: crate::checkpoint::CheckpointState,
         files: Vec<(String, usize)>,
     }
-    let bad = |why: &str| Error::Training(format!("the starting state received from rank 0 is damaged: {why}"));
-    let header_len = bytes.get(..8).ok_or_else(|| bad("shorter than its header"))?;
+    let bad = |why: &str| {
+        Error::Training(format!(
+            "the starting state received from rank 0 is damaged: {why}"
+        ))
+    };
+    let header_len = bytes
+        .get(..8)
+        .ok_or_else(|| bad("shorter than its header"))?;
     let header_len = u64::from_le_bytes(header_len.try_into().expect("8 bytes")) as usize;
-    let header_bytes = bytes.get(8..8 + header_len).ok_or_else(|| bad("shorter than its header"))?;
+    let header_bytes = bytes
+        .get(8..8 + header_len)
+        .ok_or_else(|| bad("shorter than its header"))?;
     let header: Header = serde_json::from_slice(header_bytes).map_err(|e| bad(&e.to_string()))?;
     let mut offset = 8 + header_len;
     let mut files = std::collections::BTreeMap::new();
     for (name, len) in header.files {
-        let data = bytes.get(offset..offset + len).ok_or_else(|| bad(&format!("file {name} is cut short")))?;
+        let data = bytes
+            .get(offset..offset + len)
+            .ok_or_else(|| bad(&format!("file {name} is cut short")))?;
         files.insert(name, Bytes::copy_from_slice(data));
         offset += len;
     }
-    Ok(LoadedCheckpoint { url: header.url, state: header.state, files })
+    Ok(LoadedCheckpoint {
+        url: header.url,
+        state: header.state,
+        files,
+    })
 }

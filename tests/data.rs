@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
+use common::{idx_images, idx_labels};
 use ditrun::data::cifar10::{self, ArchiveSpec, CIFAR10_CLASSES};
 use ditrun::data::fashion_mnist::{self, FASHION_MNIST_CLASSES};
 use ditrun::data::shards::{sample_key, storage_url};
@@ -23,7 +24,6 @@ use ditrun::data::{
     prepare, prepare_with, read_index, read_shard, synthetic, synthetic_captions, DatasetKind,
     PrepareOptions, Sample, ShardIndex, ShardWriter, Split,
 };
-use common::{idx_images, idx_labels};
 use md5::{Digest, Md5};
 use sha2::Sha256;
 
@@ -531,16 +531,32 @@ fn recognise_reads_the_colour_and_shape_of_real_samples() {
     use ditrun::data::synthetic::recognise;
     let mut rng = 12345u64;
     let mut noise = move || {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((rng >> 33) % 31) as i16 - 15
     };
     for sample in synthetic(240, 32, 3, 42) {
         let (colour, shape) = colour_and_shape(sample.label as usize);
         let seen = recognise(&sample.pixels, 32);
-        assert_eq!((seen.colour, seen.shape), (Some(colour), Some(shape)), "{}", sample.caption);
-        let noisy: Vec<u8> = sample.pixels.iter().map(|&v| (v as i16 + noise()).clamp(0, 255) as u8).collect();
+        assert_eq!(
+            (seen.colour, seen.shape),
+            (Some(colour), Some(shape)),
+            "{}",
+            sample.caption
+        );
+        let noisy: Vec<u8> = sample
+            .pixels
+            .iter()
+            .map(|&v| (v as i16 + noise()).clamp(0, 255) as u8)
+            .collect();
         let seen = recognise(&noisy, 32);
-        assert_eq!((seen.colour, seen.shape), (Some(colour), Some(shape)), "{} with noise", sample.caption);
+        assert_eq!(
+            (seen.colour, seen.shape),
+            (Some(colour), Some(shape)),
+            "{} with noise",
+            sample.caption
+        );
     }
     let background = vec![60u8; 32 * 32 * 3];
     assert_eq!(recognise(&background, 32).shape, None);
@@ -851,7 +867,10 @@ fn cifar10_with_the_wrong_md5_is_refused_and_nothing_is_kept_or_deleted() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_none_or(|ext| ext != "lock"))
         .collect();
-    assert!(kept.is_empty(), "a rejected download must not stay in the cache: {kept:?}");
+    assert!(
+        kept.is_empty(),
+        "a rejected download must not stay in the cache: {kept:?}"
+    );
     assert!(read_index("memory://data-tests/cifar-bad").is_err());
 
     // A user's own file is only read, never removed, even when it is wrong.
@@ -907,7 +926,6 @@ fn cifar10_archive_with_a_truncated_batch_names_the_member() {
 // ---------------------------------------------------------------------------------------------
 // Fashion-MNIST
 // ---------------------------------------------------------------------------------------------
-
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

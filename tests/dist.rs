@@ -16,7 +16,9 @@ use safetensors::SafeTensors;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn ditrun() -> &'static str {
@@ -60,7 +62,13 @@ fn mpi_env(command: &mut Command) -> &mut Command {
 
 fn mpirun(ranks: usize) -> Command {
     let mut command = Command::new("mpirun");
-    command.args(["-np", &ranks.to_string(), "--oversubscribe", "--bind-to", "none"]);
+    command.args([
+        "-np",
+        &ranks.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ]);
     mpi_env(&mut command);
     command
 }
@@ -93,13 +101,21 @@ fn finish(mut child: Child, limit: Duration) -> (Output, Duration) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let elapsed = started.elapsed();
-    let output = Output { status, stdout: out_reader.join().unwrap(), stderr: err_reader.join().unwrap() };
+    let output = Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    };
     (output, elapsed)
 }
 
 fn run(mut command: Command) -> Output {
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    finish(command.spawn().expect("the command starts"), Duration::from_secs(300)).0
+    finish(
+        command.spawn().expect("the command starts"),
+        Duration::from_secs(300),
+    )
+    .0
 }
 
 fn run_ok(command: Command) -> Output {
@@ -125,12 +141,19 @@ fn outcomes(output: &Output) -> Vec<serde_json::Value> {
 }
 
 fn train_args(job: &Path) -> Vec<String> {
-    vec![ditrun().into(), "train".into(), "--job".into(), job.display().to_string()]
+    vec![
+        ditrun().into(),
+        "train".into(),
+        "--job".into(),
+        job.display().to_string(),
+    ]
 }
 
 fn single_rank(job: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(ditrun());
-    command.args(["train", "--job", &job.display().to_string()]).args(extra);
+    command
+        .args(["train", "--job", &job.display().to_string()])
+        .args(extra);
     command.env("RUST_LOG", "info");
     command
 }
@@ -152,9 +175,15 @@ fn state_at(checkpoints: &Path, step: u64) -> ditrun::checkpoint::CheckpointStat
 /// the gradient's own scale, turns any change of summation order (two half batches instead of
 /// one batch) into full-size random steps along them. PyTorch DDP shows the same.
 fn relative_difference(a: &[u8], b: &[u8]) -> f64 {
-    let (a, b) = (SafeTensors::deserialize(a).unwrap(), SafeTensors::deserialize(b).unwrap());
+    let (a, b) = (
+        SafeTensors::deserialize(a).unwrap(),
+        SafeTensors::deserialize(b).unwrap(),
+    );
     let floats = |bytes: &[u8]| -> Vec<f64> {
-        bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect()
     };
     let without_key_bias = |name: &str, values: Vec<f64>| -> Vec<f64> {
         if name.ends_with("cross.k.bias") {
@@ -162,7 +191,11 @@ fn relative_difference(a: &[u8], b: &[u8]) -> f64 {
         } else if name.ends_with("attn.qkv.bias") {
             // [q | k | v]: keep the query and value biases.
             let third = values.len() / 3;
-            values[..third].iter().chain(&values[2 * third..]).copied().collect()
+            values[..third]
+                .iter()
+                .chain(&values[2 * third..])
+                .copied()
+                .collect()
         } else {
             values
         }
@@ -189,7 +222,12 @@ fn two_ranks_hold_bit_identical_parameters_after_training() {
     command.args(train_args(&job));
     let output = run_ok(command);
     let reports = outcomes(&output);
-    assert_eq!(reports.len(), 2, "one outcome per rank:\n{}", String::from_utf8_lossy(&output.stdout));
+    assert_eq!(
+        reports.len(),
+        2,
+        "one outcome per rank:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     for (rank, report) in reports.iter().enumerate() {
         assert_eq!(report["rank"], rank);
         assert_eq!(report["world_size"], 2);
@@ -214,17 +252,30 @@ fn two_ranks_with_micro_batch_b_reach_the_weights_of_one_rank_with_batch_2b() {
     let one_rank = dir.path().join("one-rank");
     run_ok(single_rank(&write_job(&one_rank, 6, 6), &[]));
     let accumulating = dir.path().join("one-rank-accumulating");
-    let output = run_ok(single_rank(&write_job(&accumulating, 6, 6), &["--set", "train.micro_batch_size=4"]));
+    let output = run_ok(single_rank(
+        &write_job(&accumulating, 6, 6),
+        &["--set", "train.micro_batch_size=4"],
+    ));
     assert_eq!(outcomes(&output)[0]["accumulation_steps"], 2);
 
     let reference = model_at(&two_ranks.join("checkpoints"), 6);
     let batch_2b = relative_difference(&model_at(&one_rank.join("checkpoints"), 6), &reference);
-    let accumulated = relative_difference(&model_at(&accumulating.join("checkpoints"), 6), &reference);
-    assert!(batch_2b < 1e-5, "one rank, batch 2B: relative difference {batch_2b:e}");
-    assert!(accumulated < 1e-5, "one rank, micro-batch B × 2 passes: relative difference {accumulated:e}");
+    let accumulated =
+        relative_difference(&model_at(&accumulating.join("checkpoints"), 6), &reference);
+    assert!(
+        batch_2b < 1e-5,
+        "one rank, batch 2B: relative difference {batch_2b:e}"
+    );
+    assert!(
+        accumulated < 1e-5,
+        "one rank, micro-batch B × 2 passes: relative difference {accumulated:e}"
+    );
     // The comparison is not vacuous: training moved the weights.
     let initial = dir.path().join("initial");
-    run_ok(single_rank(&write_job(&initial, 6, 1), &["--stop-after", "1"]));
+    run_ok(single_rank(
+        &write_job(&initial, 6, 1),
+        &["--stop-after", "1"],
+    ));
     assert!(relative_difference(&model_at(&initial.join("checkpoints"), 1), &reference) > 1e-3);
 }
 
@@ -245,15 +296,31 @@ fn a_two_rank_checkpoint_resumes_on_one_rank_and_continues_the_same_samples() {
     let output = run_ok(single_rank(&job, &["--set", "train.micro_batch_size=4"]));
     let report = &outcomes(&output)[0];
     assert_eq!(report["resumed_from"], 4);
-    assert_eq!((report["world_size"].as_u64(), report["accumulation_steps"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (
+            report["world_size"].as_u64(),
+            report["accumulation_steps"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
 
-    let (a, b) = (state_at(&moved.join("checkpoints"), 6), state_at(&uninterrupted.join("checkpoints"), 6));
-    assert_eq!((a.epoch, a.position), (b.epoch, b.position), "the data stream continued at the same place");
+    let (a, b) = (
+        state_at(&moved.join("checkpoints"), 6),
+        state_at(&uninterrupted.join("checkpoints"), 6),
+    );
+    assert_eq!(
+        (a.epoch, a.position),
+        (b.epoch, b.position),
+        "the data stream continued at the same place"
+    );
     let difference = relative_difference(
         &model_at(&moved.join("checkpoints"), 6),
         &model_at(&uninterrupted.join("checkpoints"), 6),
     );
-    assert!(difference < 1e-5, "resumed on one rank: relative difference {difference:e}");
+    assert!(
+        difference < 1e-5,
+        "resumed on one rank: relative difference {difference:e}"
+    );
 }
 
 /// The pid of `rank` of the job marked with `marker` (an environment variable the test set).
@@ -262,9 +329,16 @@ fn rank_pid(marker: &str, rank: usize, restart: Option<u32>) -> Option<u32> {
     let wanted_marker = format!("DITRUN_TEST_MARKER={marker}");
     let wanted_restart = restart.map(|r| format!("DITRUN_LAUNCH_RESTART={r}"));
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-        let vars: Vec<String> = environ.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = environ
+            .split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
         let has = |wanted: &str| vars.iter().any(|v| v == wanted);
         if has(&wanted_rank) && has(&wanted_marker) && wanted_restart.as_deref().is_none_or(has) {
             return Some(pid);
@@ -282,19 +356,31 @@ fn wait_for_checkpoint(checkpoints: &Path, after_step: u64) -> u64 {
             let newest = entries
                 .flatten()
                 .filter(|e| e.path().join("COMMIT").exists())
-                .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("step-")?.parse::<u64>().ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("step-")?
+                        .parse::<u64>()
+                        .ok()
+                })
                 .max();
             if let Some(step) = newest.filter(|&s| s > after_step) {
                 return step;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint after step {after_step} within 2 minutes");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint after step {after_step} within 2 minutes"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 fn kill(pid: u32, signal: &str) {
-    let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
 }
 
@@ -305,7 +391,9 @@ fn a_rank_killed_mid_run_ends_the_job_within_30_s_naming_it() {
     let job = write_job(dir.path(), 1_000_000, 5);
     let marker = format!("killed-{}", std::process::id());
     let mut command = mpirun(2);
-    command.args(train_args(&job)).env("DITRUN_TEST_MARKER", &marker);
+    command
+        .args(train_args(&job))
+        .env("DITRUN_TEST_MARKER", &marker);
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = command.spawn().unwrap();
     wait_for_checkpoint(&dir.path().join("checkpoints"), 0);
@@ -314,8 +402,14 @@ fn a_rank_killed_mid_run_ends_the_job_within_30_s_naming_it() {
     let (output, elapsed) = finish(child, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(elapsed < Duration::from_secs(30), "the job took {elapsed:?} to end");
-    assert!(stderr.contains("rank 1"), "the failing rank is named:\n{stderr}");
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "the job took {elapsed:?} to end"
+    );
+    assert!(
+        stderr.contains("rank 1"),
+        "the failing rank is named:\n{stderr}"
+    );
 }
 
 #[test]
@@ -338,11 +432,15 @@ fn a_rank_that_stops_answering_times_out_the_collective_naming_it() {
     let (output, elapsed) = finish(child, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(elapsed < Duration::from_secs(30), "the job took {elapsed:?} to end");
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "the job took {elapsed:?} to end"
+    );
     // Stopped between collectives, rank 1 never arrives; stopped inside one, its transfer
     // stalls. Either way rank 0 names it.
     assert!(
-        stderr.contains("rank(s) 1 did not arrive") || stderr.contains("transfer with rank(s) 1 stalled"),
+        stderr.contains("rank(s) 1 did not arrive")
+            || stderr.contains("transfer with rank(s) 1 stalled"),
         "the missing rank is named:\n{stderr}"
     );
 }
@@ -356,24 +454,43 @@ fn launch_restarts_the_job_from_its_latest_checkpoint_after_a_rank_dies() {
     let mut command = Command::new(ditrun());
     mpi_env(&mut command);
     command
-        .args(["launch", "--nproc-per-node", "2", "--max-restarts", "1", "--mpirun-arg=--oversubscribe", "--"])
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            "--mpirun-arg=--oversubscribe",
+            "--",
+        ])
         .args(&train_args(&job)[1..])
         .env("DITRUN_TEST_MARKER", &marker)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = command.spawn().unwrap();
     let committed = wait_for_checkpoint(&dir.path().join("checkpoints"), 0);
-    kill(rank_pid(&marker, 1, Some(0)).expect("rank 1 of the first attempt is running"), "-9");
+    kill(
+        rank_pid(&marker, 1, Some(0)).expect("rank 1 of the first attempt is running"),
+        "-9",
+    );
     let (output, _) = finish(child, Duration::from_secs(240));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the restarted job finished:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "the restarted job finished:\n{stderr}"
+    );
     assert!(stderr.contains("rank 1 was killed by signal 9"), "{stderr}");
     assert!(stderr.contains("restart 1 of 1"), "{stderr}");
     let reports = outcomes(&output);
     assert_eq!(reports.len(), 2, "only the restarted attempt finished");
     assert_eq!(reports[0]["steps_done"], 400);
-    let resumed = reports[0]["resumed_from"].as_u64().expect("the restart resumed from a checkpoint");
-    assert!(resumed >= committed && resumed < 400, "resumed from step {resumed}");
+    let resumed = reports[0]["resumed_from"]
+        .as_u64()
+        .expect("the restart resumed from a checkpoint");
+    assert!(
+        resumed >= committed && resumed < 400,
+        "resumed from step {resumed}"
+    );
 }
 
 #[test]
@@ -385,14 +502,23 @@ fn launch_gives_up_with_the_failing_rank_s_exit_code() {
     let mut command = Command::new(ditrun());
     mpi_env(&mut command);
     command
-        .args(["launch", "--nproc-per-node", "2", "--mpirun-arg=--oversubscribe", "--"])
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--mpirun-arg=--oversubscribe",
+            "--",
+        ])
         .args(&train_args(&job)[1..])
         .env("DITRUN_TEST_MARKER", &marker)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = command.spawn().unwrap();
     wait_for_checkpoint(&dir.path().join("checkpoints"), 0);
-    kill(rank_pid(&marker, 1, Some(0)).expect("rank 1 is running"), "-9");
+    kill(
+        rank_pid(&marker, 1, Some(0)).expect("rank 1 is running"),
+        "-9",
+    );
     let (output, _) = finish(child, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(137), "128 + SIGKILL:\n{stderr}");
@@ -416,7 +542,16 @@ fn ranks_with_different_configs_are_refused_at_start() {
     let output = run(command);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("the ranks disagree on the effective config"), "{stderr}");
-    assert!(stderr.contains("rank 1 has"), "the differing rank is named:\n{stderr}");
-    assert!(!dir.path().join("checkpoints").exists(), "nothing was trained");
+    assert!(
+        stderr.contains("the ranks disagree on the effective config"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rank 1 has"),
+        "the differing rank is named:\n{stderr}"
+    );
+    assert!(
+        !dir.path().join("checkpoints").exists(),
+        "nothing was trained"
+    );
 }

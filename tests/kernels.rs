@@ -8,14 +8,21 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 
 use ditrun::kernels;
-use ditrun::model::layers::{attention_unfused, merge_heads, normalize_last, split_heads, MASKED_SCORE};
+use ditrun::model::layers::{
+    attention_unfused, merge_heads, normalize_last, split_heads, MASKED_SCORE,
+};
 
 fn values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
     tensor.into_data().convert::<f32>().into_vec().unwrap()
 }
 
 /// Largest |a − b| / (1 + |b|): relative for large values, absolute near zero.
-fn assert_close<B: Backend, const D: usize>(what: &str, actual: Tensor<B, D>, expected: Tensor<B, D>, tolerance: f32) {
+fn assert_close<B: Backend, const D: usize>(
+    what: &str,
+    actual: Tensor<B, D>,
+    expected: Tensor<B, D>,
+    tolerance: f32,
+) {
     assert_eq!(actual.dims(), expected.dims(), "{what}: shapes");
     let (a, e) = (values(actual), values(expected));
     let (worst, at) = a
@@ -23,8 +30,16 @@ fn assert_close<B: Backend, const D: usize>(what: &str, actual: Tensor<B, D>, ex
         .zip(&e)
         .map(|(a, e)| (a - e).abs() / (1.0 + e.abs()))
         .enumerate()
-        .fold((0.0f32, 0), |best, (i, d)| if d > best.0 { (d, i) } else { best });
-    assert!(worst <= tolerance, "{what}: {worst:e} at {at} ({} vs {})", a[at], e[at]);
+        .fold(
+            (0.0f32, 0),
+            |best, (i, d)| if d > best.0 { (d, i) } else { best },
+        );
+    assert!(
+        worst <= tolerance,
+        "{what}: {worst:e} at {at} ({} vs {})",
+        a[at],
+        e[at]
+    );
     assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite values");
 }
 
@@ -47,7 +62,11 @@ fn check_activations<B: AutodiffBackend>() {
         let x = random::<B, 3>(shape, 2.0);
         let weight = random::<B, 3>(shape, 1.0);
         for (name, fused, composed) in [
-            ("gelu", kernels::gelu::<B, 3> as fn(_) -> _, gelu_composed::<B, 3> as fn(_) -> _),
+            (
+                "gelu",
+                kernels::gelu::<B, 3> as fn(_) -> _,
+                gelu_composed::<B, 3> as fn(_) -> _,
+            ),
             ("silu", kernels::silu::<B, 3>, silu_composed::<B, 3>),
         ] {
             let run = |f: fn(Tensor<B, 3>) -> Tensor<B, 3>| {
@@ -70,10 +89,18 @@ fn check_linear<B: AutodiffBackend>() {
         let weight = random::<B, 2>([k, out], 0.2);
         let bias = random::<B, 1>([out], 0.5);
         let w_out = random::<B, 3>([b, n, out], 1.0);
-        for (with_bias, needs_x, strided) in [(true, true, false), (false, true, true), (true, false, true)] {
+        for (with_bias, needs_x, strided) in [
+            (true, true, false),
+            (false, true, true),
+            (true, false, true),
+        ] {
             let run = |fused: bool| {
                 let x = x_transposed.clone().swap_dims(1, 2);
-                let x = if strided { x } else { Tensor::from_data(x.to_data(), &Default::default()) };
+                let x = if strided {
+                    x
+                } else {
+                    Tensor::from_data(x.to_data(), &Default::default())
+                };
                 let x = if needs_x { x.require_grad() } else { x };
                 let (weight, bias) = (weight.clone().require_grad(), bias.clone().require_grad());
                 let b = with_bias.then(|| bias.clone());
@@ -83,10 +110,18 @@ fn check_linear<B: AutodiffBackend>() {
                     burn::tensor::module::linear(x.clone(), weight.clone(), b)
                 };
                 let grads = (y.clone() * w_out.clone()).sum().backward();
-                (y.inner(), needs_x.then(|| x.grad(&grads).unwrap()), weight.grad(&grads).unwrap(), with_bias.then(|| bias.grad(&grads).unwrap()))
+                (
+                    y.inner(),
+                    needs_x.then(|| x.grad(&grads).unwrap()),
+                    weight.grad(&grads).unwrap(),
+                    with_bias.then(|| bias.grad(&grads).unwrap()),
+                )
             };
             let ((y, dx, dw, db), (y_ref, dx_ref, dw_ref, db_ref)) = (run(true), run(false));
-            let what = format!("linear {:?} bias {with_bias} strided {strided}", [b, n, k, out]);
+            let what = format!(
+                "linear {:?} bias {with_bias} strided {strided}",
+                [b, n, k, out]
+            );
             assert_close(&format!("{what} forward"), y, y_ref, 1e-5);
             if let (Some(dx), Some(dx_ref)) = (dx, dx_ref) {
                 assert_close(&format!("{what} dx"), dx, dx_ref, 1e-5);
@@ -103,18 +138,50 @@ fn check_linear<B: AutodiffBackend>() {
 /// Sampling runs the plain backend: the kernels without autodiff.
 fn check_inference<B: Backend>() {
     let x = random::<B, 3>([3, 7, 37], 2.0);
-    assert_close("gelu inference", kernels::gelu(x.clone()), gelu_composed(x.clone()), 2e-6);
-    assert_close("silu inference", kernels::silu(x.clone()), silu_composed(x.clone()), 2e-6);
-    let (scale, shift) = (random::<B, 3>([3, 1, 37], 0.5), random::<B, 3>([3, 1, 37], 0.5));
+    assert_close(
+        "gelu inference",
+        kernels::gelu(x.clone()),
+        gelu_composed(x.clone()),
+        2e-6,
+    );
+    assert_close(
+        "silu inference",
+        kernels::silu(x.clone()),
+        silu_composed(x.clone()),
+        2e-6,
+    );
+    let (scale, shift) = (
+        random::<B, 3>([3, 1, 37], 0.5),
+        random::<B, 3>([3, 1, 37], 0.5),
+    );
     let y = kernels::adaln_modulate(x.clone(), scale.clone(), shift.clone(), 1e-5);
-    assert_close("adaln inference", y, normalize_last(x.clone(), 1e-5) * (scale + 1.0) + shift, 1e-5);
-    let (q, k, v) = (random::<B, 4>([3, 2, 5, 4], 1.0), random::<B, 4>([3, 2, 7, 4], 1.0), random::<B, 4>([3, 2, 7, 4], 1.0));
+    assert_close(
+        "adaln inference",
+        y,
+        normalize_last(x.clone(), 1e-5) * (scale + 1.0) + shift,
+        1e-5,
+    );
+    let (q, k, v) = (
+        random::<B, 4>([3, 2, 5, 4], 1.0),
+        random::<B, 4>([3, 2, 7, 4], 1.0),
+        random::<B, 4>([3, 2, 7, 4], 1.0),
+    );
     let bias = padding_bias::<B>(3, 7);
     let y = kernels::attention(q.clone(), k.clone(), v.clone(), Some(bias.clone()));
-    assert_close("attention inference", y, attention_unfused(q, k, v, Some(bias)), 1e-5);
+    assert_close(
+        "attention inference",
+        y,
+        attention_unfused(q, k, v, Some(bias)),
+        1e-5,
+    );
     let (weight, bias) = (random::<B, 2>([37, 11], 0.3), random::<B, 1>([11], 0.3));
     let y = kernels::linear(x.clone(), weight.clone(), Some(bias.clone()));
-    assert_close("linear inference", y, burn::tensor::module::linear(x, weight, Some(bias)), 1e-5);
+    assert_close(
+        "linear inference",
+        y,
+        burn::tensor::module::linear(x, weight, Some(bias)),
+        1e-5,
+    );
 }
 
 fn check_adaln<B: AutodiffBackend>() {
@@ -124,10 +191,19 @@ fn check_adaln<B: AutodiffBackend>() {
         let shift = random::<B, 3>([b, 1, d], 0.5);
         let weight = random::<B, 3>([b, n, d], 1.0);
         // Every combination of which inputs need a gradient.
-        for needs in [[true, true, true], [true, false, false], [false, true, true], [false, false, true]] {
+        for needs in [
+            [true, true, true],
+            [true, false, false],
+            [false, true, true],
+            [false, false, true],
+        ] {
             let run = |fused: bool| {
                 let track = |t: Tensor<B, 3>, on: bool| if on { t.require_grad() } else { t };
-                let (x, s, t) = (track(x.clone(), needs[0]), track(scale.clone(), needs[1]), track(shift.clone(), needs[2]));
+                let (x, s, t) = (
+                    track(x.clone(), needs[0]),
+                    track(scale.clone(), needs[1]),
+                    track(shift.clone(), needs[2]),
+                );
                 let y = if fused {
                     kernels::adaln_modulate(x.clone(), s.clone(), t.clone(), 1e-5)
                 } else {
@@ -135,13 +211,21 @@ fn check_adaln<B: AutodiffBackend>() {
                 };
                 let grads = (y.clone() * weight.clone()).sum().backward();
                 let grad = |t: &Tensor<B, 3>, on: bool| on.then(|| t.grad(&grads).unwrap());
-                (y.inner(), [grad(&x, needs[0]), grad(&s, needs[1]), grad(&t, needs[2])])
+                (
+                    y.inner(),
+                    [grad(&x, needs[0]), grad(&s, needs[1]), grad(&t, needs[2])],
+                )
             };
             let ((y, grads), (y_ref, grads_ref)) = (run(true), run(false));
             assert_close(&format!("adaln {:?} forward", [b, n, d]), y, y_ref, 1e-5);
             for (i, (g, g_ref)) in grads.into_iter().zip(grads_ref).enumerate() {
                 if let (Some(g), Some(g_ref)) = (g, g_ref) {
-                    assert_close(&format!("adaln {:?} gradient {i} with {needs:?}", [b, n, d]), g, g_ref, 2e-5);
+                    assert_close(
+                        &format!("adaln {:?} gradient {i} with {needs:?}", [b, n, d]),
+                        g,
+                        g_ref,
+                        2e-5,
+                    );
                 }
             }
         }
@@ -150,7 +234,12 @@ fn check_adaln<B: AutodiffBackend>() {
         let halves = modulation.chunk(2, 2);
         let y = kernels::adaln_modulate(x.clone(), halves[0].clone(), halves[1].clone(), 1e-5);
         let y_ref = normalize_last(x.clone(), 1e-5) * (halves[0].clone() + 1.0) + halves[1].clone();
-        assert_close("adaln with strided modulation", y.inner(), y_ref.inner(), 1e-5);
+        assert_close(
+            "adaln with strided modulation",
+            y.inner(),
+            y_ref.inner(),
+            1e-5,
+        );
     }
 }
 
@@ -192,10 +281,19 @@ fn check_attention<B: AutodiffBackend>() {
                         attention_unfused(q.clone(), k.clone(), v.clone(), bias.clone())
                     };
                     let grads = (y.clone() * weight.clone()).sum().backward();
-                    (y.inner(), needs_q.then(|| q.grad(&grads).unwrap()), k.grad(&grads).unwrap(), v.grad(&grads).unwrap())
+                    (
+                        y.inner(),
+                        needs_q.then(|| q.grad(&grads).unwrap()),
+                        k.grad(&grads).unwrap(),
+                        v.grad(&grads).unwrap(),
+                    )
                 };
                 let ((y, dq, dk, dv), (y_ref, dq_ref, dk_ref, dv_ref)) = (run(true), run(false));
-                let what = format!("attention {:?} bias {} q grad {needs_q}", [b, h, n, m, d], bias.is_some());
+                let what = format!(
+                    "attention {:?} bias {} q grad {needs_q}",
+                    [b, h, n, m, d],
+                    bias.is_some()
+                );
                 assert_close(&format!("{what} forward"), y, y_ref, 1e-5);
                 if let (Some(dq), Some(dq_ref)) = (dq, dq_ref) {
                     assert_close(&format!("{what} dq"), dq, dq_ref, GRADIENT_TOLERANCE);
@@ -216,8 +314,19 @@ fn packed_composed<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> 
     merge_heads(attention_unfused(part(0), part(1), part(2), None))
 }
 
-fn separate_composed<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, heads: usize, bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
-    merge_heads(attention_unfused(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), bias))
+fn separate_composed<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 3> {
+    merge_heads(attention_unfused(
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+        bias,
+    ))
 }
 
 /// The token-major attention ops (packed self-attention, cross-attention over separate
@@ -228,7 +337,11 @@ fn check_token_attention<B: AutodiffBackend>() {
         let weight = random::<B, 3>([b, n, h * d], 1.0);
         let run = |fused: bool| {
             let x = qkv.clone().require_grad();
-            let y = if fused { kernels::packed_self_attention(x.clone(), h) } else { packed_composed(x.clone(), h) };
+            let y = if fused {
+                kernels::packed_self_attention(x.clone(), h)
+            } else {
+                packed_composed(x.clone(), h)
+            };
             let grads = (y.clone() * weight.clone()).sum().backward();
             (y.inner(), x.grad(&grads).unwrap())
         };
@@ -244,22 +357,46 @@ fn check_token_attention<B: AutodiffBackend>() {
         let v = random::<B, 3>([b, m, h * d], 1.0);
         for bias in [None, Some(padding_bias::<B>(b, m))] {
             let run = |fused: bool| {
-                let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
                 let y = if fused {
                     kernels::multi_head_attention(q.clone(), k.clone(), v.clone(), h, bias.clone())
                 } else {
                     separate_composed(q.clone(), k.clone(), v.clone(), h, bias.clone())
                 };
                 let grads = (y.clone() * weight.clone()).sum().backward();
-                (y.inner(), [q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()])
+                (
+                    y.inner(),
+                    [
+                        q.grad(&grads).unwrap(),
+                        k.grad(&grads).unwrap(),
+                        v.grad(&grads).unwrap(),
+                    ],
+                )
             };
             let ((y, grads), (y_ref, grads_ref)) = (run(true), run(false));
-            let what = format!("cross-attention {:?} bias {}", [b, h, n, m, d], bias.is_some());
+            let what = format!(
+                "cross-attention {:?} bias {}",
+                [b, h, n, m, d],
+                bias.is_some()
+            );
             assert_close(&format!("{what} forward"), y, y_ref.clone(), 1e-5);
-            for (name, (g, g_ref)) in ["dq", "dk", "dv"].iter().zip(grads.into_iter().zip(grads_ref)) {
+            for (name, (g, g_ref)) in ["dq", "dk", "dv"]
+                .iter()
+                .zip(grads.into_iter().zip(grads_ref))
+            {
                 assert_close(&format!("{what} {name}"), g, g_ref, GRADIENT_TOLERANCE);
             }
-            let plain = kernels::multi_head_attention(q.clone().inner(), k.clone().inner(), v.clone().inner(), h, bias.clone().map(|b| b.inner()));
+            let plain = kernels::multi_head_attention(
+                q.clone().inner(),
+                k.clone().inner(),
+                v.clone().inner(),
+                h,
+                bias.clone().map(|b| b.inner()),
+            );
             assert_close(&format!("{what} inference"), plain, y_ref, 1e-5);
         }
     }
@@ -292,9 +429,14 @@ fn fused_kernels_match_burn_ops_on_flex() {
 fn masked_keys_get_exactly_zero_weight_from_the_fused_softmax() {
     type B = burn::backend::NdArray;
     let device = Default::default();
-    let (q, k) = (random::<B, 4>([3, 2, 4, 8], 1.0), random::<B, 4>([3, 2, 6, 8], 1.0));
+    let (q, k) = (
+        random::<B, 4>([3, 2, 4, 8], 1.0),
+        random::<B, 4>([3, 2, 6, 8], 1.0),
+    );
     // Value rows 0..6 are the identity's rows, so the output is the weights themselves.
-    let v = Tensor::<B, 2>::eye(6, &device).reshape([1, 1, 6, 6]).expand([3, 2, 6, 6]);
+    let v = Tensor::<B, 2>::eye(6, &device)
+        .reshape([1, 1, 6, 6])
+        .expand([3, 2, 6, 6]);
     let bias = padding_bias::<B>(3, 6);
     let weights = values(kernels::attention(q, k, v, Some(bias)));
     for (row, w) in weights.chunks(6).enumerate() {
@@ -302,10 +444,16 @@ fn masked_keys_get_exactly_zero_weight_from_the_fused_softmax() {
         let sum: f32 = w.iter().sum();
         assert!((sum - 1.0).abs() < 1e-6, "row {row} sums to {sum}");
         if batch == 1 {
-            assert!(w[3..].iter().all(|&x| x == 0.0), "row {row}: masked keys {w:?}");
+            assert!(
+                w[3..].iter().all(|&x| x == 0.0),
+                "row {row}: masked keys {w:?}"
+            );
         }
         if batch == 2 {
-            assert!(w.iter().all(|&x| (x - 1.0 / 6.0).abs() < 1e-6), "fully masked row {row} is uniform: {w:?}");
+            assert!(
+                w.iter().all(|&x| (x - 1.0 / 6.0).abs() < 1e-6),
+                "fully masked row {row} is uniform: {w:?}"
+            );
         }
     }
 }
@@ -322,14 +470,24 @@ fn fused_attention_gradient_is_within_2e_6_of_an_f64_reference() {
     let v = random::<Plain, 4>([4, 8, m, d], 1.0);
     let w = random::<Plain, 4>([4, 8, n, d], 1.0);
     let q_tracked = Tensor::<B, 4>::from_inner(q.clone()).require_grad();
-    let y = kernels::attention(q_tracked.clone(), Tensor::from_inner(k.clone()), Tensor::from_inner(v.clone()), None);
+    let y = kernels::attention(
+        q_tracked.clone(),
+        Tensor::from_inner(k.clone()),
+        Tensor::from_inner(v.clone()),
+        None,
+    );
     let grads = (y * Tensor::<B, 4>::from_inner(w.clone())).sum().backward();
     let fused = values(q_tracked.grad(&grads).unwrap());
     let (q, k, v, w) = (values(q), values(k), values(v), values(w));
     let scale = (d as f64).powf(-0.5);
     for g in 0..groups {
         for i in 0..n {
-            let row = |t: &[f32], r: usize| t[r * d..(r + 1) * d].iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            let row = |t: &[f32], r: usize| {
+                t[r * d..(r + 1) * d]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect::<Vec<f64>>()
+            };
             let (qi, wi) = (row(&q, g * n + i), row(&w, g * n + i));
             let keys: Vec<Vec<f64>> = (0..m).map(|j| row(&k, g * m + j)).collect();
             let vals: Vec<Vec<f64>> = (0..m).map(|j| row(&v, g * m + j)).collect();
@@ -341,9 +499,14 @@ fn fused_attention_gradient_is_within_2e_6_of_an_f64_reference() {
             let dp: Vec<f64> = vals.iter().map(|vj| dot(&wi, vj)).collect();
             let inner = dot(&p, &dp);
             for c in 0..d {
-                let expected: f64 = (0..m).map(|j| p[j] * (dp[j] - inner) * scale * keys[j][c]).sum();
+                let expected: f64 = (0..m)
+                    .map(|j| p[j] * (dp[j] - inner) * scale * keys[j][c])
+                    .sum();
                 let got = fused[(g * n + i) * d + c] as f64;
-                assert!((got - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "dq[{g}, {i}, {c}] = {got}, f64 {expected}");
+                assert!(
+                    (got - expected).abs() <= 2e-6 * (1.0 + expected.abs()),
+                    "dq[{g}, {i}, {c}] = {got}, f64 {expected}"
+                );
             }
         }
     }

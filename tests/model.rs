@@ -31,9 +31,16 @@ fn vit_b32_text_encoder_has_clips_parameter_count() {
 
 #[test]
 fn impossible_model_sizes_are_rejected_with_the_field() {
-    let bad_patch = TextDiTConfig::new().with_patch_size(5).init::<B>(&Default::default());
-    assert!(bad_patch.unwrap_err().to_string().contains("model.patch_size"));
-    let bad_heads = TextDiTConfig::new().with_heads(7).init::<B>(&Default::default());
+    let bad_patch = TextDiTConfig::new()
+        .with_patch_size(5)
+        .init::<B>(&Default::default());
+    assert!(bad_patch
+        .unwrap_err()
+        .to_string()
+        .contains("model.patch_size"));
+    let bad_heads = TextDiTConfig::new()
+        .with_heads(7)
+        .init::<B>(&Default::default());
     assert!(bad_heads.unwrap_err().to_string().contains("model.heads"));
 }
 
@@ -56,28 +63,47 @@ fn safetensors_round_trip_keeps_every_weight() {
     let loaded = load_module(fresh, &file, "").unwrap();
     let before = named_tensors::<B, _>(&model);
     let after = named_tensors::<B, _>(&loaded);
-    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
     for (name, data) in &before {
         assert_eq!(data, &after[name], "{name}");
     }
     // PyTorch layout on disk: a Linear weight is [out, in].
-    assert_eq!(before["blocks.0.attn.qkv.weight"].shape.to_vec(), vec![192, 64]);
+    assert_eq!(
+        before["blocks.0.attn.qkv.weight"].shape.to_vec(),
+        vec![192, 64]
+    );
 }
 
 #[test]
 fn a_mis_shaped_weights_file_names_the_tensor_and_both_shapes() {
-    let model = tiny_dit_config().with_dim(32).with_heads(4).init::<B>(&Default::default()).unwrap();
-    let error = load_module(model, &reference_file("dit_tiny/weights.safetensors"), "").unwrap_err();
+    let model = tiny_dit_config()
+        .with_dim(32)
+        .with_heads(4)
+        .init::<B>(&Default::default())
+        .unwrap();
+    let error =
+        load_module(model, &reference_file("dit_tiny/weights.safetensors"), "").unwrap_err();
     let message = error.to_string();
     assert!(message.contains("weights.safetensors"), "{message}");
     assert!(message.contains("patch_embed.weight"), "{message}");
-    assert!(message.contains("[64, 3, 4, 4]") && message.contains("[32, 3, 4, 4]"), "{message}");
+    assert!(
+        message.contains("[64, 3, 4, 4]") && message.contains("[32, 3, 4, 4]"),
+        "{message}"
+    );
 }
 
 fn write_safetensors(tensors: &BTreeMap<String, burn::tensor::TensorData>) -> Vec<u8> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(name, data)| (name.clone(), TensorView::new(Dtype::F32, data.shape.to_vec(), data.as_bytes()).unwrap()))
+        .map(|(name, data)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, data.shape.to_vec(), data.as_bytes()).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize(views, None).unwrap()
 }
@@ -85,10 +111,15 @@ fn write_safetensors(tensors: &BTreeMap<String, burn::tensor::TensorData>) -> Ve
 #[test]
 fn a_missing_tensor_is_named() {
     let reference = reference_file("dit_tiny/weights.safetensors");
-    let mut tensors: BTreeMap<String, _> =
-        reference.names().into_iter().map(|n| (n.clone(), reference.tensor(&n).unwrap())).collect();
+    let mut tensors: BTreeMap<String, _> = reference
+        .names()
+        .into_iter()
+        .map(|n| (n.clone(), reference.tensor(&n).unwrap()))
+        .collect();
     tensors.remove("blocks.1.cross.k.weight");
-    let file = SafetensorsFile::from_bytes("partial.safetensors".into(), write_safetensors(&tensors)).unwrap();
+    let file =
+        SafetensorsFile::from_bytes("partial.safetensors".into(), write_safetensors(&tensors))
+            .unwrap();
     let model = tiny_dit_config().init::<B>(&Default::default()).unwrap();
     match load_module(model, &file, "") {
         Err(Error::MissingTensor { file, name, .. }) => {
@@ -112,12 +143,17 @@ fn clip_loads_from_a_full_clip_model_file_with_text_model_prefix() {
         "vision_model.embeddings.class_embedding".into(),
         burn::tensor::TensorData::new(vec![0.5f32; 8], [8]),
     );
-    let full = SafetensorsFile::from_bytes("clip-full.safetensors".into(), write_safetensors(&tensors)).unwrap();
+    let full =
+        SafetensorsFile::from_bytes("clip-full.safetensors".into(), write_safetensors(&tensors))
+            .unwrap();
     let config = ClipTextConfig::from_hf_json(&read_json("clip_tiny/config.json"));
     let device = Default::default();
     let from_full = load_clip_text::<B>(&full, &config, &device).unwrap();
     let from_bare = load_clip_text::<B>(&reference, &config, &device).unwrap();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![49406i64, 320, 1125, 49407], [1, 4]), &device);
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(vec![49406i64, 320, 1125, 49407], [1, 4]),
+        &device,
+    );
     let a = values(from_full.forward(ids.clone()).last_hidden_state);
     let b = values(from_bare.forward(ids).last_hidden_state);
     assert_eq!(a, b);
@@ -126,7 +162,13 @@ fn clip_loads_from_a_full_clip_model_file_with_text_model_prefix() {
 fn tiny_cache() -> TextEmbeddingCache<B> {
     let config = ClipTextConfig::from_hf_json(&read_json("clip_tiny/config.json"));
     let path = reference_dir().join("clip_tiny/model.safetensors");
-    let encoder = TextEncoder::<B>::load(Some(path.to_str().unwrap()), &config, 0, &Default::default()).unwrap();
+    let encoder = TextEncoder::<B>::load(
+        Some(path.to_str().unwrap()),
+        &config,
+        0,
+        &Default::default(),
+    )
+    .unwrap();
     TextEmbeddingCache::new(encoder)
 }
 
@@ -136,7 +178,11 @@ fn cached_context_is_trimmed_to_the_longest_caption_and_matches_the_full_encodin
     let captions = ["a photo of a cat", "", "a photo of a cat on a ship"];
     let (context, mask) = cache.batch::<B>(&captions, &Default::default());
     let tokenizer = &cache.encoder().tokenizer;
-    let longest = captions.iter().map(|c| tokenizer.tokenize(c).len).max().unwrap();
+    let longest = captions
+        .iter()
+        .map(|c| tokenizer.tokenize(c).len)
+        .max()
+        .unwrap();
     assert_eq!(context.dims(), [3, longest, cache.width()]);
     let mask_values: Vec<bool> = mask.into_data().into_vec().unwrap();
     for (i, caption) in captions.iter().enumerate() {
@@ -145,8 +191,14 @@ fn cached_context_is_trimmed_to_the_longest_caption_and_matches_the_full_encodin
         assert_eq!(row.iter().filter(|&&m| m).count(), real, "{caption:?}");
     }
     // The cache's rows equal a full 77-token encoding at the real positions.
-    let ids: Vec<i64> = captions.iter().flat_map(|c| tokenizer.tokenize(c).ids.into_iter().map(i64::from)).collect();
-    let full = cache.encoder().model.forward(Tensor::from_data(TensorData::new(ids, [3, 77]), &Default::default()));
+    let ids: Vec<i64> = captions
+        .iter()
+        .flat_map(|c| tokenizer.tokenize(c).ids.into_iter().map(i64::from))
+        .collect();
+    let full = cache.encoder().model.forward(Tensor::from_data(
+        TensorData::new(ids, [3, 77]),
+        &Default::default(),
+    ));
     let full = values(full.last_hidden_state);
     let trimmed = values(context);
     let width = cache.width();
@@ -169,13 +221,24 @@ fn trimming_the_context_does_not_change_the_velocity() {
     let captions = ["a photo of a dog", "a furry cat sitting"];
     let (context, mask) = cache.batch::<B>(&captions, &device);
     let [b, m, w] = context.dims();
-    let padded = Tensor::cat(vec![context.clone(), Tensor::ones([b, 77 - m, w], &device)], 1);
+    let padded = Tensor::cat(
+        vec![context.clone(), Tensor::ones([b, 77 - m, w], &device)],
+        1,
+    );
     let padded_mask = Tensor::cat(vec![mask.clone(), Tensor::zeros([b, 77 - m], &device)], 1);
-    let x = Tensor::<B, 4>::random([b, 3, 16, 16], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<B, 4>::random(
+        [b, 3, 16, 16],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
     let t = Tensor::<B, 1>::from_floats([0.3, 0.8], &device);
     // A zero-initialised head would make every velocity zero: give it weights first.
     let mut model = model;
-    model.final_proj.weight = burn::module::Param::from_tensor(Tensor::random([64, 48], burn::tensor::Distribution::Normal(0.0, 0.1), &device));
+    model.final_proj.weight = burn::module::Param::from_tensor(Tensor::random(
+        [64, 48],
+        burn::tensor::Distribution::Normal(0.0, 0.1),
+        &device,
+    ));
     let trimmed = values(model.forward(x.clone(), t.clone(), context, Some(mask)));
     let full = values(model.forward(x, t, padded, Some(padded_mask)));
     assert!(relative_error(&trimmed, &full) < 1e-5);
@@ -185,7 +248,12 @@ fn trimming_the_context_does_not_change_the_velocity() {
 fn heun_takes_the_trapezoid_of_two_guided_velocities() {
     let device = Default::default();
     let e = reference_file("dit_tiny/expected.safetensors");
-    let model = load_module(tiny_dit_config().init::<B>(&device).unwrap(), &reference_file("dit_tiny/weights.safetensors"), "").unwrap();
+    let model = load_module(
+        tiny_dit_config().init::<B>(&device).unwrap(),
+        &reference_file("dit_tiny/weights.safetensors"),
+        "",
+    )
+    .unwrap();
     let guidance = Guidance {
         context: float(&e, "context"),
         mask: mask(&e, "mask"),
@@ -199,7 +267,12 @@ fn heun_takes_the_trapezoid_of_two_guided_velocities() {
     let batch = x.dims()[0];
     let guided = |x: Tensor<B, 4>, t: f64| {
         let times = Tensor::<B, 1>::full([batch], t, &device);
-        let cond = model.forward(x.clone(), times.clone(), guidance.context.clone(), Some(guidance.mask.clone()));
+        let cond = model.forward(
+            x.clone(),
+            times.clone(),
+            guidance.context.clone(),
+            Some(guidance.mask.clone()),
+        );
         let m0 = guidance.null_context.dims()[1];
         let null_ctx = guidance.null_context.clone().expand([batch, m0, 32]);
         let null_mask = guidance.null_mask.clone().expand([batch, m0]);

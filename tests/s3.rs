@@ -93,7 +93,12 @@ fn new_bucket(endpoint: &str, purpose: &str) -> String {
 
 /// An S3 client for one bucket with its own timeouts and retries (the env-configured one of
 /// `object_store_for` retries a dead connection for about a minute).
-fn s3_store(endpoint: &str, bucket: &str, timeout: Duration, max_retries: usize) -> Arc<dyn ObjectStore> {
+fn s3_store(
+    endpoint: &str,
+    bucket: &str,
+    timeout: Duration,
+    max_retries: usize,
+) -> Arc<dyn ObjectStore> {
     let store = AmazonS3Builder::new()
         .with_endpoint(endpoint)
         .with_bucket_name(bucket)
@@ -161,8 +166,11 @@ sample: {{ every_steps: 0, at_end: false }}
 }
 
 fn tiny_job(shards: &str, checkpoints: &str, local: &FsPath, steps: u64) -> JobSpec {
-    JobSpec::from_yaml(&tiny_job_yaml(shards, checkpoints, local, steps), "tiny-s3.yaml")
-        .expect("the test job is valid")
+    JobSpec::from_yaml(
+        &tiny_job_yaml(shards, checkpoints, local, steps),
+        "tiny-s3.yaml",
+    )
+    .expect("the test job is valid")
 }
 
 fn model_bytes(checkpoints: &str, step: u64) -> Bytes {
@@ -229,7 +237,10 @@ fn shards_streamed_from_s3_yield_every_sample_once_per_epoch() {
         }
         orders.push(seen.clone());
         seen.sort();
-        assert!(seen == expected, "epoch {epoch} does not hold every sample exactly once");
+        assert!(
+            seen == expected,
+            "epoch {epoch} does not hold every sample exactly once"
+        );
     }
     assert_ne!(orders[0], orders[1], "each epoch is shuffled differently");
 }
@@ -262,7 +273,10 @@ fn stream_throughput_s3() {
         stream.next_batch().unwrap();
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_before.zip(common::process_cpu_seconds()).map(|(a, b)| b - a).unwrap_or(f64::NAN);
+    let cpu = cpu_before
+        .zip(common::process_cpu_seconds())
+        .map(|(a, b)| b - a)
+        .unwrap_or(f64::NAN);
     println!(
         "stream_throughput_s3: {:.0} images/s from moto at {endpoint} (decode_threads = 1, 32x32x3, \
          {batches} batches of 256, {wall:.2} s wall); ditrun's process CPU {cpu:.2} s -> {:.0} images per CPU-second",
@@ -285,19 +299,41 @@ fn checkpoints_on_s3_resume_to_bit_identical_weights() {
     let interrupted = format!("s3://{bucket}/interrupted");
 
     // The first run prepares the shards on S3 (they are missing); the others reuse them.
-    let outcome = train(&tiny_job(&shards, &straight, local.path(), 4), &Resume::Never).unwrap();
+    let outcome = train(
+        &tiny_job(&shards, &straight, local.path(), 4),
+        &Resume::Never,
+    )
+    .unwrap();
     assert_eq!(outcome.steps_done, 4);
-    assert!(read_index(&shards).is_ok(), "the job prepared its shards on S3");
+    assert!(
+        read_index(&shards).is_ok(),
+        "the job prepared its shards on S3"
+    );
 
-    let stopped = train_until(&tiny_job(&shards, &interrupted, local.path(), 4), &Resume::Never, Some(2)).unwrap();
+    let stopped = train_until(
+        &tiny_job(&shards, &interrupted, local.path(), 4),
+        &Resume::Never,
+        Some(2),
+    )
+    .unwrap();
     assert_eq!(stopped.steps_done, 2);
-    let resumed = train(&tiny_job(&shards, &interrupted, local.path(), 4), &Resume::Auto).unwrap();
+    let resumed = train(
+        &tiny_job(&shards, &interrupted, local.path(), 4),
+        &Resume::Auto,
+    )
+    .unwrap();
     assert_eq!(resumed.resumed_from, Some(2));
     assert_eq!(resumed.steps_done, 4);
 
-    let committed = CheckpointStore::open(&interrupted, 0).unwrap().list_committed().unwrap();
+    let committed = CheckpointStore::open(&interrupted, 0)
+        .unwrap()
+        .list_committed()
+        .unwrap();
     assert_eq!(committed, [2, 4]);
-    assert!(model_bytes(&straight, 4) == model_bytes(&interrupted, 4), "weights after the resume differ");
+    assert!(
+        model_bytes(&straight, 4) == model_bytes(&interrupted, 4),
+        "weights after the resume differ"
+    );
 }
 
 /// A moto server of this test's own, killed when dropped.
@@ -323,7 +359,10 @@ impl PrivateMoto {
             .stderr(Stdio::null())
             .spawn()
             .expect("cannot start moto_server from the venv");
-        let server = Self { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let server = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
         server.wait_until_it_answers();
         server
     }
@@ -331,7 +370,11 @@ impl PrivateMoto {
     fn wait_until_it_answers(&self) {
         let started = Instant::now();
         while ureq::get(&self.endpoint).call().is_err() {
-            assert!(started.elapsed() < SERVER_START_TIMEOUT, "moto at {} does not answer", self.endpoint);
+            assert!(
+                started.elapsed() < SERVER_START_TIMEOUT,
+                "moto at {} does not answer",
+                self.endpoint
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -357,7 +400,9 @@ impl PrivateMoto {
 
 impl Drop for PrivateMoto {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -365,7 +410,11 @@ impl Drop for PrivateMoto {
 
 /// A port nothing listens on (bound once to get it, then released).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn ditrun_command(endpoint: &str, job: &FsPath, steps: u64, resume: &str) -> Command {
@@ -387,12 +436,15 @@ fn ditrun_command(endpoint: &str, job: &FsPath, steps: u64, resume: &str) -> Com
 /// `ditrun train` as a separate process, so that it can talk to another server than this
 /// process's `AWS_ENDPOINT_URL`; returns its outcome (the JSON it prints).
 fn ditrun_train(endpoint: &str, job: &FsPath, steps: u64, resume: &str) -> serde_json::Value {
-    let output = ditrun_command(endpoint, job, steps, resume).output().unwrap();
+    let output = ditrun_command(endpoint, job, steps, resume)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "ditrun train failed:\n{stderr}");
     let stdout = String::from_utf8(output.stdout).unwrap();
     let last_line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last_line).unwrap_or_else(|e| panic!("outcome `{last_line}`: {e}\n{stderr}"))
+    serde_json::from_str(last_line)
+        .unwrap_or_else(|e| panic!("outcome `{last_line}`: {e}\n{stderr}"))
 }
 
 /// The server stops while a checkpoint is uploading, and comes back; training goes on.
@@ -414,7 +466,16 @@ fn a_server_stopped_mid_upload_leaves_no_half_checkpoint_and_training_goes_on() 
     let local = tempfile::tempdir().unwrap();
     let checkpoints = format!("s3://{bucket}/ckpt");
     let job = local.path().join("job.yaml");
-    std::fs::write(&job, tiny_job_yaml(&format!("s3://{bucket}/shards"), &checkpoints, local.path(), 4)).unwrap();
+    std::fs::write(
+        &job,
+        tiny_job_yaml(
+            &format!("s3://{bucket}/shards"),
+            &checkpoints,
+            local.path(),
+            4,
+        ),
+    )
+    .unwrap();
 
     let first = ditrun_train(&server.endpoint, &job, 2, "never");
     assert_eq!(first["steps_done"], 2);
@@ -423,10 +484,16 @@ fn a_server_stopped_mid_upload_leaves_no_half_checkpoint_and_training_goes_on() 
         s3_store(&server.endpoint, &bucket, Duration::from_secs(1), 0),
         Path::from("ckpt"),
         &checkpoints,
-        CheckpointOptions { keep_last: 3, retry: quick_retries() },
+        CheckpointOptions {
+            keep_last: 3,
+            retry: quick_retries(),
+        },
     );
     let observer = s3_store(&server.endpoint, &bucket, Duration::from_secs(5), 3);
-    let good = store.latest_valid().unwrap().expect("the first run committed step 2");
+    let good = store
+        .latest_valid()
+        .unwrap()
+        .expect("the first run committed step 2");
     assert_eq!(good.state.step, 2);
 
     // Step 4 as the trainer would write it, plus a large file that is still uploading when
@@ -438,28 +505,56 @@ fn a_server_stopped_mid_upload_leaves_no_half_checkpoint_and_training_goes_on() 
         .map(|name| (name.to_string(), good.files[*name].clone()))
         .collect();
     files.push(("large.bin".into(), Bytes::from(vec![7u8; 256 << 20])));
-    let state = CheckpointState { step: 4, created_unix: 0, files: BTreeMap::new(), ..good.state.clone() };
+    let state = CheckpointState {
+        step: 4,
+        created_unix: 0,
+        files: BTreeMap::new(),
+        ..good.state.clone()
+    };
     let saving = store.save_async(state, files).unwrap();
     let last_small = format!("ckpt/step-000000004/{OPTIMIZER_FILE}");
     let started = Instant::now();
     while !exists(&*observer, &last_small) {
-        assert!(!saving.is_finished(), "the save ended before the server was stopped");
-        assert!(started.elapsed() < Duration::from_secs(30), "the upload never started");
+        assert!(
+            !saving.is_finished(),
+            "the save ended before the server was stopped"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the upload never started"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     server.pause();
     let failed_at = Instant::now();
-    let message = saving.wait().expect_err("the save cannot succeed while the server is stopped").to_string();
+    let message = saving
+        .wait()
+        .expect_err("the save cannot succeed while the server is stopped")
+        .to_string();
     eprintln!("error: {message}");
-    assert!(message.contains(&format!("{checkpoints}/step-000000004")), "{message}");
+    assert!(
+        message.contains(&format!("{checkpoints}/step-000000004")),
+        "{message}"
+    );
     assert!(message.contains("large.bin"), "{message}");
-    assert!(failed_at.elapsed() < Duration::from_secs(30), "the failure took {:?}", failed_at.elapsed());
+    assert!(
+        failed_at.elapsed() < Duration::from_secs(30),
+        "the failure took {:?}",
+        failed_at.elapsed()
+    );
 
     server.resume();
     assert!(exists(&*observer, &last_small), "step 4 was half written");
-    assert!(!exists(&*observer, &format!("ckpt/step-000000004/{COMMIT_FILE}")));
+    assert!(!exists(
+        &*observer,
+        &format!("ckpt/step-000000004/{COMMIT_FILE}")
+    ));
     assert_eq!(store.list_committed().unwrap(), [2]);
-    assert_eq!(store.latest_valid().unwrap().unwrap().state.step, 2, "the half checkpoint became latest");
+    assert_eq!(
+        store.latest_valid().unwrap().unwrap().state.step,
+        2,
+        "the half checkpoint became latest"
+    );
 
     let resumed = ditrun_train(&server.endpoint, &job, 4, "auto");
     assert_eq!(resumed["resumed_from"], 2);
@@ -467,7 +562,10 @@ fn a_server_stopped_mid_upload_leaves_no_half_checkpoint_and_training_goes_on() 
     assert_eq!(store.list_committed().unwrap(), [2, 4]);
     let latest = store.latest_valid().unwrap().unwrap();
     assert_eq!(latest.state.step, 4);
-    assert!(!latest.files.contains_key("large.bin"), "the trainer's own step 4 replaced the half one");
+    assert!(
+        !latest.files.contains_key("large.bin"),
+        "the trainer's own step 4 replaced the half one"
+    );
 }
 
 #[test]
@@ -478,21 +576,40 @@ fn an_unreachable_store_fails_quickly_naming_the_url() {
         s3_store(&closed, "nobody-home", Duration::from_secs(1), 1),
         Path::from("ckpt"),
         url,
-        CheckpointOptions { keep_last: 0, retry: quick_retries() },
+        CheckpointOptions {
+            keep_last: 0,
+            retry: quick_retries(),
+        },
     );
 
     let started = Instant::now();
     let files = vec![(MODEL_FILE.to_string(), Bytes::from_static(b"weights"))];
-    let state = CheckpointState { step: 1, ..CheckpointState::default() };
-    let message = store.save(state, files).expect_err("nothing listens there").to_string();
+    let state = CheckpointState {
+        step: 1,
+        ..CheckpointState::default()
+    };
+    let message = store
+        .save(state, files)
+        .expect_err("nothing listens there")
+        .to_string();
     eprintln!("error: {message}");
-    assert!(message.contains("s3://nobody-home/ckpt/step-000000001"), "{message}");
+    assert!(
+        message.contains("s3://nobody-home/ckpt/step-000000001"),
+        "{message}"
+    );
     assert!(message.contains("2 attempt"), "{message}");
 
-    let message = store.latest_valid().expect_err("nothing listens there").to_string();
+    let message = store
+        .latest_valid()
+        .expect_err("nothing listens there")
+        .to_string();
     eprintln!("error: {message}");
     assert!(message.contains(url), "{message}");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// The user's path: `ditrun train` with the store from the `AWS_*` environment (the default
@@ -501,7 +618,12 @@ fn an_unreachable_store_fails_quickly_naming_the_url() {
 fn a_job_whose_store_is_unreachable_stops_with_the_url_and_the_cause() {
     let local = tempfile::tempdir().unwrap();
     let job = local.path().join("job.yaml");
-    let yaml = tiny_job_yaml("s3://nobody-home/shards", "s3://nobody-home/ckpt", local.path(), 2);
+    let yaml = tiny_job_yaml(
+        "s3://nobody-home/shards",
+        "s3://nobody-home/ckpt",
+        local.path(),
+        2,
+    );
     std::fs::write(&job, yaml).unwrap();
     let closed = format!("http://127.0.0.1:{}", free_port());
 
@@ -510,8 +632,15 @@ fn a_job_whose_store_is_unreachable_stops_with_the_url_and_the_cause() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     eprintln!("{stderr}");
     assert!(!output.status.success());
-    assert!(stderr.contains("s3://nobody-home/shards/index.json"), "{stderr}");
+    assert!(
+        stderr.contains("s3://nobody-home/shards/index.json"),
+        "{stderr}"
+    );
     assert!(stderr.contains("Connection refused"), "{stderr}");
     // object_store's own retries (10, with jittered backoff from 100 ms) take a few seconds.
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
 }

@@ -554,7 +554,6 @@ fn a_corrupt_shard_file_surfaces_from_next_batch_with_its_name() {
     assert!(error.to_string().contains(&name), "{error}");
 }
 
-
 #[test]
 #[ignore = "benchmark: cargo test --test stream -- --ignored --nocapture stream_throughput_local"]
 fn stream_throughput_local() {
@@ -578,7 +577,9 @@ fn stream_throughput_local() {
     let started = Instant::now();
     let images_per_s = measure_throughput(source, options, batches).unwrap();
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_before.zip(common::process_cpu_seconds()).map(|(a, b)| b - a);
+    let cpu = cpu_before
+        .zip(common::process_cpu_seconds())
+        .map(|(a, b)| b - a);
     println!(
         "stream_throughput_local: {images_per_s:.0} images/s (decode_threads = 1, 32x32x3, \
          {batches} batches of 256, {wall:.2} s wall)"

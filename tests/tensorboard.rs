@@ -435,9 +435,20 @@ struct TensorBoardServer {
 
 impl TensorBoardServer {
     fn start(log_dir: &Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(python())
-            .args(["-m", "tensorboard.main", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "-m",
+                "tensorboard.main",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
             // The pure-Python loader: the Rust data server is an optional binary download.
             .args(["--load_fast", "false", "--reload_interval", "1", "--logdir"])
             .arg(log_dir)
@@ -445,12 +456,20 @@ impl TensorBoardServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("tensorboard starts");
-        Self { child, base: format!("http://127.0.0.1:{port}") }
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
     }
 
     fn get(&self, path: &str) -> Option<Vec<u8>> {
         let mut response = ureq::get(&format!("{}{path}", self.base)).call().ok()?;
-        response.body_mut().with_config().limit(64 << 20).read_to_vec().ok()
+        response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .ok()
     }
 
     fn json(&self, path: &str) -> Option<Value> {
@@ -465,7 +484,10 @@ impl TensorBoardServer {
             if let Some(value) = self.json(path).filter(|v| ready(v)) {
                 return value;
             }
-            assert!(started.elapsed() < Duration::from_secs(90), "TensorBoard never served {path} as expected");
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "TensorBoard never served {path} as expected"
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -500,43 +522,92 @@ sample: {{ every_steps: 2, prompts: ["a photo of a red circle", "a photo of a bl
     ditrun::train::train(&job, &ditrun::train::Resume::Never).unwrap();
 
     let server = TensorBoardServer::start(&dir.path().join("tensorboard"));
-    let runs = server.wait_for("/data/runs", |runs| runs.as_array().is_some_and(|r| !r.is_empty()));
+    let runs = server.wait_for("/data/runs", |runs| {
+        runs.as_array().is_some_and(|r| !r.is_empty())
+    });
     assert_eq!(runs, serde_json::json!(["tb-run"]));
 
-    let wanted = ["train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"];
+    let wanted = [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/images_per_sec",
+    ];
     let tags = server.wait_for("/data/plugin/scalars/tags", |tags| {
         wanted.iter().all(|tag| tags["tb-run"].get(tag).is_some())
     });
-    assert!(tags["tb-run"].get("train/data_wait_secs").is_some(), "{tags}");
+    assert!(
+        tags["tb-run"].get("train/data_wait_secs").is_some(),
+        "{tags}"
+    );
     let loss = server
         .json("/data/plugin/scalars/scalars?run=tb-run&tag=train/loss")
         .expect("the loss series");
-    let steps: Vec<u64> = loss.as_array().unwrap().iter().map(|point| point[1].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = loss
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| point[1].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, [1, 2, 3, 4]);
-    assert!(loss.as_array().unwrap().iter().all(|point| point[2].as_f64().unwrap().is_finite()));
+    assert!(loss
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|point| point[2].as_f64().unwrap().is_finite()));
 
-    let image_tags = server.wait_for("/data/plugin/images/tags", |tags| tags["tb-run"].get("samples").is_some());
-    let description = image_tags["tb-run"]["samples"]["description"].as_str().unwrap_or_default();
-    assert!(description.contains("a photo of a red circle"), "the prompts travel with the grid: {description}");
-    let images = server.json("/data/plugin/images/images?run=tb-run&tag=samples").expect("the image series");
+    let image_tags = server.wait_for("/data/plugin/images/tags", |tags| {
+        tags["tb-run"].get("samples").is_some()
+    });
+    let description = image_tags["tb-run"]["samples"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        description.contains("a photo of a red circle"),
+        "the prompts travel with the grid: {description}"
+    );
+    let images = server
+        .json("/data/plugin/images/images?run=tb-run&tag=samples")
+        .expect("the image series");
     let images = images.as_array().unwrap();
-    let steps: Vec<u64> = images.iter().map(|image| image["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = images
+        .iter()
+        .map(|image| image["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, [2, 4]);
     let query = images[1]["query"].as_str().unwrap();
-    let png = server.get(&format!("/data/plugin/images/individualImage?{query}")).expect("the PNG");
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "TensorBoard serves the grid as a PNG");
+    let png = server
+        .get(&format!("/data/plugin/images/individualImage?{query}"))
+        .expect("the PNG");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "TensorBoard serves the grid as a PNG"
+    );
 
     // `sample.cfg_sweep`: the labelled sweep beside each grid, at the sweep's own size.
-    let image_tags = server.wait_for("/data/plugin/images/tags", |tags| tags["tb-run"].get("samples/cfg_sweep").is_some());
-    let description = image_tags["tb-run"]["samples/cfg_sweep"]["description"].as_str().unwrap_or_default();
+    let image_tags = server.wait_for("/data/plugin/images/tags", |tags| {
+        tags["tb-run"].get("samples/cfg_sweep").is_some()
+    });
+    let description = image_tags["tb-run"]["samples/cfg_sweep"]["description"]
+        .as_str()
+        .unwrap_or_default();
     assert!(description.contains("columns: cfg 1, 4"), "{description}");
-    let sweeps = server.json("/data/plugin/images/images?run=tb-run&tag=samples/cfg_sweep").expect("the sweep series");
+    let sweeps = server
+        .json("/data/plugin/images/images?run=tb-run&tag=samples/cfg_sweep")
+        .expect("the sweep series");
     let sweeps = sweeps.as_array().unwrap();
-    let steps: Vec<u64> = sweeps.iter().map(|image| image["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = sweeps
+        .iter()
+        .map(|image| image["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, [2, 4]);
     let query = sweeps[1]["query"].as_str().unwrap();
-    let png = server.get(&format!("/data/plugin/images/individualImage?{query}")).expect("the sweep PNG");
-    let reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
+    let png = server
+        .get(&format!("/data/plugin/images/individualImage?{query}"))
+        .expect("the sweep PNG");
+    let reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
     let prompts = job.sample.prompts.clone();
     assert_eq!(
         (reader.info().width as usize, reader.info().height as usize),

@@ -49,11 +49,21 @@ fn a_resumed_run_ends_with_bit_identical_weights() {
     let resumed = train(&tiny_job(interrupted.path(), 6), &Resume::Auto).unwrap();
     assert_eq!(resumed.resumed_from, Some(4));
 
-    let (a, b) = (model_bytes(straight.path(), 4), model_bytes(interrupted.path(), 4));
+    let (a, b) = (
+        model_bytes(straight.path(), 4),
+        model_bytes(interrupted.path(), 4),
+    );
     let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
-    assert!(a == b, "same steps before the stop: {differing} of {} bytes differ", a.len());
+    assert!(
+        a == b,
+        "same steps before the stop: {differing} of {} bytes differ",
+        a.len()
+    );
 
-    assert_eq!(model_bytes(straight.path(), 6), model_bytes(interrupted.path(), 6));
+    assert_eq!(
+        model_bytes(straight.path(), 6),
+        model_bytes(interrupted.path(), 6)
+    );
 }
 
 #[test]
@@ -66,7 +76,10 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     job.train.grad_clip = 0.0;
     job.checkpoint.every_steps = 1;
     let error = train(&job, &Resume::Never).unwrap_err().to_string();
-    assert!(error.contains("loss became") && error.contains("at step"), "{error}");
+    assert!(
+        error.contains("loss became") && error.contains("at step"),
+        "{error}"
+    );
     let failed_step: u64 = error
         .split("at step ")
         .nth(1)
@@ -74,7 +87,10 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
         .and_then(|n| n.parse().ok())
         .expect("the message names the step");
     let store = CheckpointStore::open(&format!("{}/checkpoints", dir.path().display()), 3).unwrap();
-    let latest = store.latest_valid().unwrap().expect("the good steps were checkpointed");
+    let latest = store
+        .latest_valid()
+        .unwrap()
+        .expect("the good steps were checkpointed");
     assert_eq!(latest.state.step, failed_step - 1);
 }
 
@@ -86,29 +102,44 @@ fn sampling_and_inspect_read_what_training_wrote() {
     let outcome = train(&job, &Resume::Never).unwrap();
     let grid = outcome.sample_grid.expect("at_end sampling writes a grid");
     assert!(grid.ends_with("step-000000002.png"), "{grid}");
-    let sweep = std::fs::read(dir.path().join("samples/cfg-sweep-step-000000002.png")).expect("sample.cfg_sweep writes a sweep");
-    let reader = png::Decoder::new(std::io::Cursor::new(sweep)).read_info().unwrap();
+    let sweep = std::fs::read(dir.path().join("samples/cfg-sweep-step-000000002.png"))
+        .expect("sample.cfg_sweep writes a sweep");
+    let reader = png::Decoder::new(std::io::Cursor::new(sweep))
+        .read_info()
+        .unwrap();
     assert_eq!(
         (reader.info().width as usize, reader.info().height as usize),
         ditrun::viz::sweep_canvas_size(&job.sample.prompts, 2, 8)
     );
 
-    let request = ditrun::sample::SampleRequest {
-        checkpoint: format!("{}/checkpoints", dir.path().display()),
-        prompts: vec!["a photo of a red circle".into(), "a photo of a green triangle".into()],
-        options: ditrun::sample::SampleOptions {
-            cfg: 2.0,
-            steps: 2,
-            sampler: ditrun::flow::Sampler::Heun,
-            per_prompt: 3,
-            seed: 1,
-        },
+    let checkpoint =
+        ditrun::sample::TrainedCheckpoint::load(&format!("{}/checkpoints", dir.path().display()))
+            .unwrap();
+    let prompts: Vec<String> = vec![
+        "a photo of a red circle".into(),
+        "a photo of a green triangle".into(),
+    ];
+    let options = ditrun::flow::SampleOptions {
+        cfg: 2.0,
+        steps: 2,
+        sampler: ditrun::flow::Sampler::Heun,
+        per_prompt: 3,
+        seed: 1,
     };
     let out_dir = dir.path().join("images");
-    let written = ditrun::sample::sample_checkpoint(&request, None, Some(&out_dir)).unwrap();
+    let written = ditrun::with_backend!(checkpoint.backend().unwrap(), B => {
+        ditrun::sample::sample_checkpoint::<B>(&checkpoint, &prompts, &options, None, Some(&out_dir))
+    })
+    .unwrap();
     assert_eq!(written.len(), 6);
-    assert!(written[0].ends_with("a-photo-of-a-red-circle-000.png"), "{:?}", written[0]);
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&written[5]).unwrap()));
+    assert!(
+        written[0].ends_with("a-photo-of-a-red-circle-000.png"),
+        "{:?}",
+        written[0]
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&written[5]).unwrap(),
+    ));
     let info = decoder.read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (8, 8));
 
@@ -116,19 +147,45 @@ fn sampling_and_inspect_read_what_training_wrote() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_ditrun"))
         .args(["inspect", "cross-attention", "--checkpoint"])
         .arg(dir.path().join("checkpoints"))
-        .args(["--prompt", "a photo of a red circle", "--steps", "4", "--times", "1,0.5", "--block", "0", "--json", "--out"])
+        .args([
+            "--prompt",
+            "a photo of a red circle",
+            "--steps",
+            "4",
+            "--times",
+            "1,0.5",
+            "--block",
+            "0",
+            "--json",
+            "--out",
+        ])
         .arg(&picture)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert_eq!(report["tokens"], serde_json::json!(["<start>", "a", "photo", "of", "a", "red", "circle", "<end>"]));
+    assert_eq!(
+        report["tokens"],
+        serde_json::json!(["<start>", "a", "photo", "of", "a", "red", "circle", "<end>"])
+    );
     assert_eq!(report["rows"].as_array().unwrap().len(), 2);
-    assert_eq!(report["rows"][0]["maps"].as_array().unwrap().len(), 8, "a map per token");
+    assert_eq!(
+        report["rows"][0]["maps"].as_array().unwrap().len(),
+        8,
+        "a map per token"
+    );
     assert!(std::fs::read(&picture).unwrap().starts_with(b"\x89PNG"));
 
-    let checkpoint = ditrun::inspect::inspect(&format!("{}/checkpoints/step-000000002", dir.path().display())).unwrap();
+    let checkpoint = ditrun::inspect::inspect(&format!(
+        "{}/checkpoints/step-000000002",
+        dir.path().display()
+    ))
+    .unwrap();
     assert_eq!(checkpoint["kind"], "checkpoint");
     assert_eq!(checkpoint["state"]["step"], 2);
     let shards = ditrun::inspect::inspect(&format!("{}/shards", dir.path().display())).unwrap();
@@ -145,19 +202,34 @@ fn a_job_prepares_fashion_mnist_on_first_use_and_trains_on_it() {
     std::fs::create_dir_all(&raw).unwrap();
     let images: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i * 15; 28 * 28]).collect();
     let labels: Vec<u8> = (0..16u8).map(|i| i % 10).collect();
-    std::fs::write(raw.join("train-images-idx3-ubyte"), common::idx_images(&images)).unwrap();
-    std::fs::write(raw.join("train-labels-idx1-ubyte"), common::idx_labels(&labels)).unwrap();
+    std::fs::write(
+        raw.join("train-images-idx3-ubyte"),
+        common::idx_images(&images),
+    )
+    .unwrap();
+    std::fs::write(
+        raw.join("train-labels-idx1-ubyte"),
+        common::idx_labels(&labels),
+    )
+    .unwrap();
     let mut job = tiny_job(dir.path(), 2);
     job.model.image_size = 32;
     job.model.channels = 1;
     job.sample.prompts = vec!["a photo of an ankle boot".into()];
-    let yaml = job.to_yaml().replace("dataset: synthetic", "dataset: fashion-mnist");
+    let yaml = job
+        .to_yaml()
+        .replace("dataset: synthetic", "dataset: fashion-mnist");
     let mut job = JobSpec::from_yaml(&yaml, "fashion-job.yaml").unwrap();
     job.data.prepare.as_mut().unwrap().source = Some(raw.display().to_string());
     job.data.prepare.as_mut().unwrap().samples = None;
     let outcome = train(&job, &Resume::Never).unwrap();
     assert_eq!(outcome.steps_done, 2);
     let index = ditrun::data::read_index(&format!("{}/shards", dir.path().display())).unwrap();
-    assert_eq!((index.channels, index.image_size, index.total_samples), (1, 32, 16));
-    assert!(index.captions.contains(&"a photo of an ankle boot".to_string()));
+    assert_eq!(
+        (index.channels, index.image_size, index.total_samples),
+        (1, 32, 16)
+    );
+    assert!(index
+        .captions
+        .contains(&"a photo of an ankle boot".to_string()));
 }

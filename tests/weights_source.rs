@@ -588,19 +588,43 @@ fn clip_encoder_loads_through_hf_url_and_matches_reference() {
     let (server, _) = clip_server(Behaviour::default());
     let _env = TestEnv::new(Some(&server.base));
     let reference = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
-    let reference = std::env::var_os("DITRUN_REFERENCE_DIR").map(PathBuf::from).unwrap_or(reference);
+    let reference = std::env::var_os("DITRUN_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(reference);
     let config_text = fs::read_to_string(reference.join("clip_tiny/config.json")).unwrap();
     let config = ClipTextConfig::from_hf_json(&serde_json::from_str(&config_text).unwrap());
     let device = Default::default();
 
-    let encoder = TextEncoder::<B>::load(Some("hf://openai/clip-tiny"), &config, 0, &device).unwrap();
+    let encoder =
+        TextEncoder::<B>::load(Some("hf://openai/clip-tiny"), &config, 0, &device).unwrap();
 
-    let expected = SafetensorsFile::read(&reference.join("clip_tiny/expected.safetensors")).unwrap();
-    let ids = Tensor::<B, 2, Int>::from_data(expected.tensor("input_ids").unwrap().convert::<i64>(), &device);
-    let pooled: Vec<f32> = encoder.model.forward(ids).pooler_output.into_data().into_vec().unwrap();
-    let reference_pooled: Vec<f32> = expected.tensor("pooler_output").unwrap().into_vec().unwrap();
+    let expected =
+        SafetensorsFile::read(&reference.join("clip_tiny/expected.safetensors")).unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        expected.tensor("input_ids").unwrap().convert::<i64>(),
+        &device,
+    );
+    let pooled: Vec<f32> = encoder
+        .model
+        .forward(ids)
+        .pooler_output
+        .into_data()
+        .into_vec()
+        .unwrap();
+    let reference_pooled: Vec<f32> = expected
+        .tensor("pooler_output")
+        .unwrap()
+        .into_vec()
+        .unwrap();
     let scale = reference_pooled.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = pooled.iter().zip(&reference_pooled).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(worst / scale < 1e-4, "pooled output relative error {}", worst / scale);
+    let worst = pooled
+        .iter()
+        .zip(&reference_pooled)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst / scale < 1e-4,
+        "pooled output relative error {}",
+        worst / scale
+    );
     assert_eq!(server.requests().len(), 1);
 }

@@ -12,25 +12,29 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::backend::BackendKind;
-use crate::kernels::autocast::{with_precision, Precision};
 use crate::dist::{average_gradients, reduce_bucket, Collective};
 use crate::error::Result;
 use crate::flow::{drop_captions, flow_matching_loss, FlowBatch};
+use crate::kernels::autocast::{with_precision, Precision};
 use crate::model::{ClipTextConfig, TextDiTConfig};
 use crate::text::{TextEmbeddingCache, TextEncoder};
 
 mod profile;
 pub use profile::{OpProfile, StepProfile};
 
-/// [`profile::profile`] on `options.backend`, against a measured step of `step_s` seconds
-/// with `context_tokens` text tokens.
-pub fn profile_step(options: &BenchOptions, context_tokens: usize, step_s: f64) -> Result<StepProfile> {
-    crate::with_backend!(options.backend, B => Ok(profile::profile::<burn::backend::Autodiff<B>>(
+/// [`profile::profile`] on `B`, against a measured step of `step_s` seconds with
+/// `context_tokens` text tokens.
+pub fn profile_step<B: Backend>(
+    options: &BenchOptions,
+    context_tokens: usize,
+    step_s: f64,
+) -> StepProfile {
+    profile::profile::<burn::backend::Autodiff<B>>(
         &options.model,
         options.batch,
         context_tokens,
         step_s * 1e3,
-    )))
+    )
 }
 
 /// The seed's captions: CIFAR-10's classes as "a photo of a/an <class>".
@@ -92,22 +96,31 @@ pub struct BenchReport {
 }
 
 /// Runs on every rank of `collective` (`mpirun -np N ditrun bench`): each rank steps on its
-/// own batch and the gradients are averaged as in training.
-pub fn run(options: &BenchOptions, collective: &dyn Collective) -> Result<BenchReport> {
-    crate::with_backend!(options.backend, B => run_on::<burn::backend::Autodiff<B>>(options, collective))
+/// own batch and the gradients are averaged as in training. `B` is `options.backend`'s type.
+pub fn run<B: Backend>(options: &BenchOptions, collective: &dyn Collective) -> Result<BenchReport> {
+    run_on::<burn::backend::Autodiff<B>>(options, collective)
 }
 
-fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collective) -> Result<BenchReport> {
+fn run_on<AB: AutodiffBackend>(
+    options: &BenchOptions,
+    collective: &dyn Collective,
+) -> Result<BenchReport> {
     let device = AB::Device::default();
     AB::seed(&device, 0);
     let mut rng = StdRng::seed_from_u64(0);
     let mut model = options.model.init::<AB>(&device)?;
     let params = model.num_params();
-    let mut optimizer = crate::optim::AdamWSettings::bench().init::<AB, crate::model::TextConditionalDiT<AB>>();
+    let mut optimizer =
+        crate::optim::AdamWSettings::bench().init::<AB, crate::model::TextConditionalDiT<AB>>();
     let encoder = TextEncoder::<AB::InnerBackend>::load(None, &options.text, 0, &device)?;
     let mut cache = TextEmbeddingCache::new(encoder);
     cache.warm(CAPTIONS.iter().copied().chain([""]));
-    let shape = [options.batch, options.model.channels, options.model.image_size, options.model.image_size];
+    let shape = [
+        options.batch,
+        options.model.channels,
+        options.model.image_size,
+        options.model.image_size,
+    ];
 
     let mut times = Vec::with_capacity(options.steps);
     let mut allreduce_times = Vec::with_capacity(options.steps);
@@ -124,9 +137,12 @@ fn run_on<AB: AutodiffBackend>(options: &BenchOptions, collective: &dyn Collecti
             cache.batch::<AB>(&captions, &device)
         };
         context_tokens = context.dims()[1];
-        let x0 = Tensor::<AB, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let x0 =
+            Tensor::<AB, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
         let batch = FlowBatch::draw_on_device(x0);
-        let loss = with_precision(options.precision, || flow_matching_loss(&model, batch, context, Some(mask)));
+        let loss = with_precision(options.precision, || {
+            flow_matching_loss(&model, batch, context, Some(mask))
+        });
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let allreduce = average_gradients(&model, &mut grads, collective, DDP_BUCKET_BYTES)?;
         model = optimizer.step(1e-4, model, grads);
@@ -188,17 +204,9 @@ pub struct AllReduceReport {
 }
 
 /// Times the gradient all-reduce alone: `values` f32 (the seed model's gradients: 18,145,072
-/// = 72.6 MB) in 25 MB buckets on `backend`'s device, against a memcpy of the same buffer.
-pub fn allreduce(
-    backend: BackendKind,
-    collective: &dyn Collective,
-    values: usize,
-    repeats: usize,
-) -> Result<AllReduceReport> {
-    crate::with_backend!(backend, B => allreduce_on::<B>(backend, collective, values, repeats))
-}
-
-fn allreduce_on<B: Backend>(
+/// = 72.6 MB) in 25 MB buckets on the device of `backend` (whose type `B` is), against a
+/// memcpy of the same buffer.
+pub fn allreduce<B: Backend>(
     backend: BackendKind,
     collective: &dyn Collective,
     values: usize,
@@ -230,7 +238,11 @@ fn allreduce_on<B: Backend>(
         let started = Instant::now();
         reduced = Vec::with_capacity(round.len());
         for bucket in round {
-            reduced.extend(reduce_bucket(vec![bucket], collective, "all-reduce benchmark")?);
+            reduced.extend(reduce_bucket(
+                vec![bucket],
+                collective,
+                "all-reduce benchmark",
+            )?);
         }
         B::sync(&device).ok();
         reduce_times.push(started.elapsed().as_secs_f64());
@@ -241,10 +253,18 @@ fn allreduce_on<B: Backend>(
     }
     let mean_is_exact = reduced
         .into_iter()
-        .flat_map(|t| t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default())
+        .flat_map(|t| {
+            t.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap_or_default()
+        })
         .eq(source.iter().copied());
     // The first round pays for page faults and connection set-up.
-    let (allreduce_s, memcpy_s) = (median(reduce_times[1..].to_vec()), median(copy_times[1..].to_vec()));
+    let (allreduce_s, memcpy_s) = (
+        median(reduce_times[1..].to_vec()),
+        median(copy_times[1..].to_vec()),
+    );
     let bytes = values * std::mem::size_of::<f32>();
     let rate = |secs: f64| ((bytes as f64 / secs / 1e9) * 100.0).round() / 100.0;
     Ok(AllReduceReport {
@@ -265,9 +285,15 @@ fn encode_full_context<AB: AutodiffBackend>(
     captions: &[&str],
     device: &AB::Device,
 ) -> (Tensor<AB, 3>, Tensor<AB, 2, Bool>) {
-    let tokens: Vec<_> = captions.iter().map(|c| encoder.tokenizer.tokenize(c)).collect();
+    let tokens: Vec<_> = captions
+        .iter()
+        .map(|c| encoder.tokenizer.tokenize(c))
+        .collect();
     let len = encoder.tokenizer.context_length();
-    let ids: Vec<i64> = tokens.iter().flat_map(|t| t.ids.iter().map(|&i| i as i64)).collect();
+    let ids: Vec<i64> = tokens
+        .iter()
+        .flat_map(|t| t.ids.iter().map(|&i| i as i64))
+        .collect();
     let mask: Vec<bool> = tokens.iter().flat_map(|t| t.mask()).collect();
     let input = Tensor::from_data(TensorData::new(ids, [captions.len(), len]), device);
     let hidden = encoder.model.forward(input).last_hidden_state;

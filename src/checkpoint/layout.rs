@@ -1,9 +1,11 @@
 //! Where a checkpoint's objects live: `<url>/step-000001000/{<files>, state.json, COMMIT}`, and
-//! how user-given names and locations are turned into that layout.
+//! which user-given file names may go there. Locations themselves are parsed by
+//! [`Location`](crate::storage::Location).
 
 use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
+use crate::storage::Location;
 
 /// The record of the step: written after every file, so it can list their checksums.
 pub const STATE_FILE: &str = "state.json";
@@ -27,46 +29,11 @@ pub fn parse_step_dir(name: &str) -> Option<u64> {
     well_formed.then(|| digits.parse().ok()).flatten()
 }
 
-/// A storage URL for a location given as a URL or as a plain local path (made absolute, so
-/// the checkpoint stays where the user meant even if the working directory changes).
-pub fn to_store_url(location: &str) -> Result<String> {
-    if location.contains("://") {
-        return Ok(trim_trailing_slashes(location).to_string());
-    }
-    if location.is_empty() {
-        return Err(Error::Config(
-            "checkpoint location is empty: expected a URL (file://, s3://, gs://, az://, memory://) or a local path".into(),
-        ));
-    }
-    let absolute = std::path::absolute(location).map_err(|e| Error::io(location, e))?;
-    let url = url::Url::from_file_path(&absolute).map_err(|()| {
-        Error::Config(format!(
-            "checkpoint location `{location}` cannot be written as a file:// URL"
-        ))
-    })?;
-    Ok(trim_trailing_slashes(url.as_str()).to_string())
-}
-
-/// `s3://b/ckpt/` → `s3://b/ckpt`, but `memory://` stays whole.
-pub fn trim_trailing_slashes(url: &str) -> &str {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let (scheme, rest) = url.split_at(after_scheme);
-    &url[..scheme.len() + rest.trim_end_matches('/').len()]
-}
-
-/// Splits `<parent>/step-000000123` into the parent URL and the step; `None` when the last
-/// segment is not a step folder (the URL then names the parent itself).
-pub fn split_step_url(url: &str) -> Option<(String, u64)> {
-    let trimmed = trim_trailing_slashes(url);
-    let (parent, last) = trimmed.rsplit_once('/')?;
-    let step = parse_step_dir(last)?;
-    // `memory://step-000000001`: the parent is the store's root, `memory://`.
-    let parent = if parent.ends_with(':') || parent.ends_with(":/") {
-        &trimmed[..trimmed.len() - last.len()]
-    } else {
-        parent
-    };
-    Some((parent.to_string(), step))
+/// `<parent>/step-000000123` → the parent folder and the step; `None` when the location is not
+/// a step folder (it then names the checkpoint folder itself).
+pub fn split_step(location: &Location) -> Option<(Location, u64)> {
+    let step = parse_step_dir(location.name()?)?;
+    Some((location.parent()?, step))
 }
 
 /// Rejects file names that would escape the step folder, collide with the checkpoint's own
@@ -133,24 +100,19 @@ mod tests {
 
     #[test]
     fn step_urls_split_into_parent_and_step() {
+        let split = |url: &str| {
+            split_step(&Location::parse(url).unwrap())
+                .map(|(parent, step)| (parent.url().to_string(), step))
+        };
         assert_eq!(
-            split_step_url("s3://b/run/ckpt/step-000000123/"),
+            split("s3://b/run/ckpt/step-000000123/"),
             Some(("s3://b/run/ckpt".to_string(), 123))
         );
-        assert_eq!(split_step_url("s3://b/run/ckpt"), None);
+        assert_eq!(split("s3://b/run/ckpt"), None);
         assert_eq!(
-            split_step_url("memory://step-000000004"),
+            split("memory://step-000000004"),
             Some(("memory://".to_string(), 4))
         );
-    }
-
-    #[test]
-    fn local_paths_become_absolute_file_urls() {
-        let url = to_store_url("some dir/ckpt").unwrap();
-        assert!(url.starts_with("file:///"), "{url}");
-        assert!(url.ends_with("/some%20dir/ckpt"), "{url}");
-        assert_eq!(to_store_url("memory://x/").unwrap(), "memory://x");
-        assert_eq!(to_store_url("memory://").unwrap(), "memory://");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use super::layout::{COMMIT_FILE, STATE_FILE};
+use super::layout::{validate_file_names, COMMIT_FILE, STATE_FILE};
 use super::remote::Remote;
 use super::save::sha256_hex;
 use super::{CheckpointState, LoadedCheckpoint};
@@ -39,6 +39,8 @@ pub(crate) fn load_step(remote: &Remote, step: u64) -> Result<LoadedCheckpoint> 
             state.step
         )));
     }
+    // A record naming `../x` is damage, not a path to follow.
+    validate_file_names(&checkpoint, state.files.keys().map(String::as_str))?;
 
     let mut files = BTreeMap::new();
     for (name, record) in &state.files {

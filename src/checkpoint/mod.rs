@@ -5,6 +5,8 @@
 //! Layout: `<url>/step-000001000/` holds the given files, then `state.json` (this state with
 //! every file's size and sha256), then, written last, `COMMIT` (the sha256 of `state.json`).
 //! A step folder without `COMMIT` is an interrupted save and is never loaded or "latest".
+//! The folder is a [`Location`](crate::storage::Location): every store operation goes through
+//! it, so checkpoints accept exactly the paths and URLs the rest of the crate does.
 
 mod layout;
 mod load;
@@ -24,7 +26,7 @@ pub use remote::StepFolder;
 pub use retention::steps_to_delete;
 pub use retry::RetryPolicy;
 pub use save::SaveHandle;
-pub use store::{load_url, CheckpointOptions, CheckpointStore};
+pub use store::{load_location, load_url, CheckpointOptions, CheckpointStore};
 
 /// Everything besides the files that a resumed run needs, stored as `state.json`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

@@ -1,17 +1,15 @@
-//! The checkpoint folder in its object store: blocking get/put/delete/list of the objects
-//! under `<url>/`, each retried by the [`RetryPolicy`] and reported against the checkpoint URL.
+//! The checkpoint folder in its object store: get/put/delete/list of the objects under
+//! `<url>/step-NNNNNNNNN/`, each through the folder's [`Location`], retried by the
+//! [`RetryPolicy`] and reported against the step folder's URL.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::layout::{parse_step_dir, step_dir_name, trim_trailing_slashes, COMMIT_FILE};
+use super::layout::{parse_step_dir, step_dir_name, COMMIT_FILE};
 use super::retry::RetryPolicy;
 use crate::error::Result;
-use crate::storage::block_on;
+use crate::storage::Location;
 
 /// One step folder found in the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,27 +19,23 @@ pub struct StepFolder {
 }
 
 pub(crate) struct Remote {
-    store: Arc<dyn ObjectStore>,
-    root: Path,
-    /// The checkpoint folder's URL without a trailing `/`, for messages.
-    url: String,
+    root: Location,
     retry: RetryPolicy,
     transient_failures: AtomicU64,
 }
 
 impl Remote {
-    pub fn new(store: Arc<dyn ObjectStore>, root: Path, url: &str, retry: RetryPolicy) -> Self {
+    pub fn new(root: Location, retry: RetryPolicy) -> Self {
         Self {
-            store,
             root,
-            url: trim_trailing_slashes(url).to_string(),
             retry,
             transient_failures: AtomicU64::new(0),
         }
     }
 
+    /// The checkpoint folder's URL, without a trailing `/`.
     pub fn url(&self) -> &str {
-        &self.url
+        self.root.url()
     }
 
     pub fn transient_failures(&self) -> u64 {
@@ -49,48 +43,37 @@ impl Remote {
     }
 
     pub fn step_url(&self, step: u64) -> String {
-        let separator = if self.url.ends_with('/') { "" } else { "/" };
-        format!("{}{separator}{}", self.url, step_dir_name(step))
+        self.step_folder(step).url().to_string()
     }
 
-    pub fn object(&self, step: u64, file: &str) -> Path {
-        self.step_path(step).join(file)
+    fn step_folder(&self, step: u64) -> Location {
+        self.root
+            .join(&step_dir_name(step))
+            .expect("a step folder's name is one plain path segment")
     }
 
-    fn step_path(&self, step: u64) -> Path {
-        self.root.clone().join(step_dir_name(step).as_str())
+    /// `file` of the step folder; file names are checked before a save and before a load uses
+    /// them, so this fails only for names that never reach it.
+    fn object(&self, step: u64, file: &str) -> Result<Location> {
+        self.step_folder(step).join(file)
     }
 
     pub fn put(&self, step: u64, file: &str, bytes: Bytes) -> Result<()> {
-        let location = self.object(step, file);
+        let object = self.object(step, file)?;
         self.retrying(step, &format!("writing `{file}`"), || {
-            block_on(self.store.put(&location, PutPayload::from(bytes.clone()))).map(|_| ())
+            object.put(bytes.clone())
         })
     }
 
     /// The object's bytes, or `None` when it does not exist.
     pub fn get(&self, step: u64, file: &str) -> Result<Option<Bytes>> {
-        let location = self.object(step, file);
-        self.retrying(step, &format!("reading `{file}`"), || {
-            block_on(async {
-                match self.store.get(&location).await {
-                    Ok(found) => found.bytes().await.map(Some),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(other) => Err(other),
-                }
-            })
-        })
+        let object = self.object(step, file)?;
+        self.retrying(step, &format!("reading `{file}`"), || object.get())
     }
 
     pub fn exists(&self, step: u64, file: &str) -> Result<bool> {
-        let location = self.object(step, file);
-        self.retrying(step, &format!("looking for `{file}`"), || {
-            match block_on(self.store.head(&location)) {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::NotFound { .. }) => Ok(false),
-                Err(other) => Err(other),
-            }
-        })
+        let object = self.object(step, file)?;
+        self.retrying(step, &format!("looking for `{file}`"), || object.exists())
     }
 
     /// Deletes one object; one that is already gone is not an error.
@@ -109,65 +92,35 @@ impl Remote {
     }
 
     fn delete_as(&self, step: u64, file: &str, action: &str) -> Result<()> {
-        let location = self.object(step, file);
-        self.retrying(step, action, || {
-            match block_on(self.store.delete(&location)) {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(other) => Err(other),
-            }
-        })
+        let object = self.object(step, file)?;
+        self.retrying(step, action, || object.delete().map(|_existed| ()))
     }
 
     /// Deletes a whole step folder, `COMMIT` first: a folder half deleted by a crash must not
     /// look like a checkpoint.
     pub fn delete_step(&self, step: u64) -> Result<()> {
         self.delete(step, COMMIT_FILE)?;
-        for file in self.files_of(step)? {
+        let folder = self.step_folder(step);
+        let listing = self.retrying(step, "listing the step folder", || folder.list())?;
+        for file in listing.files {
             self.delete(step, &file)?;
         }
-        self.remove_empty_local_dir(step);
+        folder.remove_empty_folder();
         Ok(())
-    }
-
-    /// The names of the objects directly inside a step folder.
-    fn files_of(&self, step: u64) -> Result<Vec<String>> {
-        let folder = self.step_path(step);
-        let listing = self.retrying(step, "listing the step folder", || {
-            block_on(self.store.list_with_delimiter(Some(&folder)))
-        })?;
-        Ok(listing
-            .objects
-            .iter()
-            .filter_map(|object| object.location.filename().map(str::to_string))
-            .collect())
-    }
-
-    /// The local file system keeps empty directories after their files are deleted; remove
-    /// them so retention leaves no clutter. Best effort: a leftover empty folder is harmless.
-    fn remove_empty_local_dir(&self, step: u64) {
-        let Some(folder) = url::Url::parse(&self.step_url(step))
-            .ok()
-            .filter(|url| url.scheme() == "file")
-            .and_then(|url| url.to_file_path().ok())
-        else {
-            return;
-        };
-        let _ = std::fs::remove_dir(folder);
     }
 
     /// Every step folder under the checkpoint URL, with whether it holds `COMMIT`, by step.
     pub fn step_folders(&self) -> Result<Vec<StepFolder>> {
-        let prefix = (!self.root.as_ref().is_empty()).then_some(&self.root);
         let listing = self.retry.run(
             &self.transient_failures,
-            &self.url,
+            self.url(),
             "listing the step folders",
-            || block_on(self.store.list_with_delimiter(prefix)),
+            || self.root.list(),
         )?;
         let mut steps: Vec<u64> = listing
-            .common_prefixes
+            .folders
             .iter()
-            .filter_map(|folder| folder.filename().and_then(parse_step_dir))
+            .filter_map(|name| parse_step_dir(name))
             .collect();
         steps.sort_unstable();
         steps
@@ -185,7 +138,7 @@ impl Remote {
         &self,
         step: u64,
         action: &str,
-        operation: impl FnMut() -> object_store::Result<T>,
+        operation: impl FnMut() -> Result<T>,
     ) -> Result<T> {
         self.retry.run(
             &self.transient_failures,

@@ -43,40 +43,41 @@ impl RetryPolicy {
 
     /// Runs `operation` until it succeeds, fails with a permanent error, or the attempts are
     /// spent; every transient failure is logged and counted in `transient_failures`.
-    /// `checkpoint` and `action` name what was being done in the warnings and the final error.
+    /// `checkpoint` and `action` name what was being done in the warnings and the final store
+    /// error; errors that do not come from the store are returned as they are.
     pub(crate) fn run<T>(
         &self,
         transient_failures: &AtomicU64,
         checkpoint: &str,
         action: &str,
-        mut operation: impl FnMut() -> object_store::Result<T>,
+        mut operation: impl FnMut() -> Result<T>,
     ) -> Result<T> {
         let attempts = self.attempts.max(1);
         let mut attempt = 1;
         loop {
-            match operation() {
+            let source = match operation() {
                 Ok(value) => return Ok(value),
-                Err(source) if attempt < attempts && is_transient(&source) => {
-                    transient_failures.fetch_add(1, Ordering::Relaxed);
-                    let delay = self.delay_after(attempt);
-                    tracing::warn!(
-                        "checkpoint {checkpoint}: {action} failed (attempt {attempt} of {attempts}), retrying in {delay:?}: {source}"
-                    );
-                    std::thread::sleep(delay);
-                    attempt += 1;
-                }
-                Err(source) => {
-                    if is_transient(&source) {
-                        transient_failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Err(Error::CheckpointStorage {
-                        checkpoint: checkpoint.to_string(),
-                        action: action.to_string(),
-                        attempts: attempt,
-                        source,
-                    });
-                }
+                Err(Error::ObjectStore { source, .. }) => source,
+                Err(other) => return Err(other),
+            };
+            let transient = is_transient(&source);
+            if transient {
+                transient_failures.fetch_add(1, Ordering::Relaxed);
             }
+            if !transient || attempt >= attempts {
+                return Err(Error::CheckpointStorage {
+                    checkpoint: checkpoint.to_string(),
+                    action: action.to_string(),
+                    attempts: attempt,
+                    source,
+                });
+            }
+            let delay = self.delay_after(attempt);
+            tracing::warn!(
+                "checkpoint {checkpoint}: {action} failed (attempt {attempt} of {attempts}), retrying in {delay:?}: {source}"
+            );
+            std::thread::sleep(delay);
+            attempt += 1;
         }
     }
 }
@@ -95,11 +96,18 @@ fn is_transient(error: &object_store::Error) -> bool {
 mod tests {
     use super::*;
 
-    fn transient() -> object_store::Error {
-        object_store::Error::Generic {
+    fn from_store(source: object_store::Error) -> Error {
+        Error::ObjectStore {
+            url: "memory://c/step-000000001/m".into(),
+            source,
+        }
+    }
+
+    fn transient() -> Error {
+        from_store(object_store::Error::Generic {
             store: "test",
             source: "connection reset".into(),
-        }
+        })
     }
 
     fn quick(attempts: u32) -> RetryPolicy {
@@ -165,10 +173,10 @@ mod tests {
         let err = quick(5)
             .run::<()>(&counter, "c", "reading `x`", || {
                 calls += 1;
-                Err(object_store::Error::PermissionDenied {
+                Err(from_store(object_store::Error::PermissionDenied {
                     path: "x".into(),
                     source: "denied".into(),
-                })
+                }))
             })
             .unwrap_err();
         assert_eq!(calls, 1);

@@ -7,14 +7,14 @@ use bytes::Bytes;
 use object_store::path::Path;
 use object_store::ObjectStore;
 
-use super::layout::{split_step_url, to_store_url, validate_file_names};
+use super::layout::{split_step, validate_file_names};
 use super::load;
 use super::remote::Remote;
 use super::retry::RetryPolicy;
 use super::save::{self, InFlight, SaveHandle};
 use super::{CheckpointState, LoadedCheckpoint};
 use crate::error::{Error, Result};
-use crate::storage::object_store_for;
+use crate::storage::Location;
 
 /// Retention and retry settings of a [`CheckpointStore`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -59,9 +59,7 @@ impl CheckpointStore {
     }
 
     pub fn open_with(url: &str, options: CheckpointOptions) -> Result<Self> {
-        let url = to_store_url(url)?;
-        let (store, root) = object_store_for(&url)?;
-        Ok(Self::from_store(store, root, &url, options))
+        Ok(Self::at(Location::parse(url)?, options))
     }
 
     /// A checkpoint folder at `root` inside an already built store (a store with custom client
@@ -72,8 +70,13 @@ impl CheckpointStore {
         url: &str,
         options: CheckpointOptions,
     ) -> Self {
+        Self::at(Location::new(store, root, url), options)
+    }
+
+    /// The checkpoint folder at `folder`. Nothing is read or written yet.
+    pub fn at(folder: Location, options: CheckpointOptions) -> Self {
         Self {
-            remote: Arc::new(Remote::new(store, root, url, options.retry)),
+            remote: Arc::new(Remote::new(folder, options.retry)),
             keep_last: options.keep_last,
             in_flight: Mutex::new(None),
         }
@@ -180,14 +183,19 @@ impl Drop for CheckpointStore {
 /// Loads the checkpoint a URL names: a step folder (`<url>/step-000000123`) exactly, or a
 /// checkpoint folder (`<url>`) through [`CheckpointStore::latest_valid`]. Local paths work too.
 pub fn load_url(checkpoint_url: &str) -> Result<LoadedCheckpoint> {
-    let url = to_store_url(checkpoint_url)?;
-    if let Some((parent, step)) = split_step_url(&url) {
-        return CheckpointStore::open(&parent, 0)?.load(step);
+    load_location(&Location::parse(checkpoint_url)?)
+}
+
+/// [`load_url`] for a location already parsed.
+pub fn load_location(location: &Location) -> Result<LoadedCheckpoint> {
+    let options = CheckpointOptions::default();
+    if let Some((parent, step)) = split_step(location) {
+        return CheckpointStore::at(parent, options).load(step);
     }
-    CheckpointStore::open(&url, 0)?
+    CheckpointStore::at(location.clone(), options)
         .latest_valid()?
         .ok_or_else(|| Error::Checkpoint {
-            checkpoint: url.clone(),
+            checkpoint: location.url().to_string(),
             reason: "no committed checkpoint here: expected step-NNNNNNNNN folders with a COMMIT marker, or the URL of one such folder".into(),
         })
 }

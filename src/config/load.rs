@@ -10,10 +10,11 @@ use serde_norway::{Mapping, Value};
 
 use super::keylines::key_lines;
 use super::spec::{
-    CheckpointSpec, DataSpec, DistSpec, JobSpec, LoggingSpec, ModelSpec, SampleSpec, TextEncoderSpec,
+    CheckpointSpec, DataSpec, DistSpec, JobSpec, LoggingSpec, SampleSpec, TextEncoderSpec,
     TrainSpec,
 };
 use crate::error::{Error, Result};
+use crate::model::TextDiTConfig;
 
 /// Path of the built-in quickstart job, relative to the repository root.
 pub const QUICKSTART_JOB: &str = "jobs/quickstart.yaml";
@@ -92,7 +93,7 @@ impl JobSpec {
     /// Checks a spec built in code; errors name the key path.
     pub fn validate(&self) -> Result<()> {
         match self.first_problem() {
-            Some((key, reason)) => Err(job_error("job spec", None, Some(key), reason)),
+            Some((key, reason)) => Err(job_error("job spec", None, Some(&key), reason)),
             None => Ok(()),
         }
     }
@@ -123,7 +124,7 @@ struct FileShape {
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
-    model: ModelSpec,
+    model: TextDiTConfig,
     #[serde(default)]
     text_encoder: TextEncoderSpec,
     #[serde(default)]
@@ -342,7 +343,7 @@ fn spec_from_layers(layers: &[Layer], job: usize) -> Result<JobSpec> {
         )
     })?;
     match spec.first_problem() {
-        Some((key, reason)) => Err(blame(layers, job, key, reason)),
+        Some((key, reason)) => Err(blame(layers, job, &key, reason)),
         None => Ok(spec),
     }
 }
@@ -493,14 +494,6 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// A location from a job (a URL, or a path relative to the working directory) as a URL that
-/// `storage::object_store_for` opens: paths become absolute `file://` URLs.
-pub fn location_url(location: &str) -> Result<String> {
-    if super::spec::scheme_of(location).is_some() {
-        return Ok(location.to_string());
-    }
-    let absolute = std::path::absolute(location).map_err(|e| Error::io(location, e))?;
-    url::Url::from_file_path(&absolute)
-        .map(String::from)
-        .map_err(|()| Error::Config(format!("`{location}` cannot be written as a file:// URL")))
-}
+/// A location from a job (a URL, or a path relative to the working directory) as the canonical
+/// URL a [`Location`](crate::storage::Location) opens: paths become absolute `file://` URLs.
+pub use crate::storage::location_url;

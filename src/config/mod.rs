@@ -5,9 +5,10 @@
 mod keylines;
 mod load;
 mod spec;
+mod text_encoder;
 
 pub use load::{load_job, location_url, QUICKSTART_JOB};
 pub use spec::{
-    BackendChoice, CheckpointSpec, DataSpec, DatasetKind, DistSpec, JobSpec, LoggingSpec, ModelSpec,
+    BackendChoice, CheckpointSpec, DataSpec, DatasetKind, DistSpec, JobSpec, LoggingSpec,
     PrepareSpec, SampleSpec, Split, TextEncoderSpec, TrainSpec,
 };

@@ -1,14 +1,20 @@
 //! The typed job spec: every section, its defaults (the seed's numbers) and the checks that
 //! reject impossible values before any work starts.
+//!
+//! The networks' sections are the networks' own configs (`model` is a [`TextDiTConfig`],
+//! `text_encoder` holds a [`ClipTextConfig`]): their keys, defaults and rules are written once,
+//! there. This module adds only the rules that span sections, reporting a network's field
+//! under its section (`model.heads`).
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use super::text_encoder::TextEncoderSpec;
 use crate::backend::BackendKind;
 pub use crate::data::{DatasetKind, Split};
 use crate::flow::Sampler;
 use crate::kernels::autocast::Precision;
-use crate::model::tokenizer::{CONTEXT_LENGTH, END_OF_TEXT};
+use crate::model::dit::InvalidField;
 use crate::model::{ClipTextConfig, TextDiTConfig};
 
 /// A whole training job. Every key is optional in a file: what a job and its recipes leave
@@ -24,7 +30,8 @@ use crate::model::{ClipTextConfig, TextDiTConfig};
 pub struct JobSpec {
     /// A label for logs and TensorBoard.
     pub name: String,
-    pub model: ModelSpec,
+    /// The DiT's sizes; defaults are the seed's model (18,145,072 parameters).
+    pub model: TextDiTConfig,
     pub text_encoder: TextEncoderSpec,
     pub data: DataSpec,
     pub train: TrainSpec,
@@ -32,39 +39,6 @@ pub struct JobSpec {
     pub logging: LoggingSpec,
     pub sample: SampleSpec,
     pub dist: DistSpec,
-}
-
-/// The DiT's sizes; defaults are the seed's model (18,145,072 parameters).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelSpec {
-    pub image_size: usize,
-    /// Must divide `image_size`.
-    pub patch_size: usize,
-    pub channels: usize,
-    /// A multiple of 4 (the 2D sin/cos positions) and of `heads`.
-    pub dim: usize,
-    pub depth: usize,
-    pub heads: usize,
-    pub mlp_ratio: f64,
-    /// Width of the text tokens the DiT cross-attends to: must equal
-    /// `text_encoder.hidden_size`.
-    pub context_dim: usize,
-}
-
-/// The frozen CLIP text encoder; defaults are OpenAI's ViT-B/32 text tower.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TextEncoderSpec {
-    /// Pretrained weights (`hf://openai/clip-vit-base-patch32`, a path, or a store URL);
-    /// unset (null) = a seeded random initialisation, which needs no network.
-    pub weights: Option<String>,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub vocab_size: usize,
-    pub max_positions: usize,
 }
 
 /// Where the caption shards live, and how they are streamed.
@@ -213,7 +187,7 @@ impl Default for JobSpec {
     fn default() -> Self {
         Self {
             name: "ditrun".into(),
-            model: ModelSpec::default(),
+            model: TextDiTConfig::default(),
             text_encoder: TextEncoderSpec::default(),
             data: DataSpec::default(),
             train: TrainSpec::default(),
@@ -221,37 +195,6 @@ impl Default for JobSpec {
             logging: LoggingSpec::default(),
             sample: SampleSpec::default(),
             dist: DistSpec::default(),
-        }
-    }
-}
-
-impl Default for ModelSpec {
-    fn default() -> Self {
-        let seed = TextDiTConfig::new();
-        Self {
-            image_size: seed.image_size,
-            patch_size: seed.patch_size,
-            channels: seed.channels,
-            dim: seed.dim,
-            depth: seed.depth,
-            heads: seed.heads,
-            mlp_ratio: seed.mlp_ratio,
-            context_dim: seed.context_dim,
-        }
-    }
-}
-
-impl Default for TextEncoderSpec {
-    fn default() -> Self {
-        let vit_b32 = ClipTextConfig::new();
-        Self {
-            weights: None,
-            hidden_size: vit_b32.hidden_size,
-            intermediate_size: vit_b32.intermediate_size,
-            layers: vit_b32.num_hidden_layers,
-            heads: vit_b32.num_attention_heads,
-            vocab_size: vit_b32.vocab_size,
-            max_positions: vit_b32.max_position_embeddings,
         }
     }
 }
@@ -270,7 +213,10 @@ impl Default for DataSpec {
 
 impl Default for DistSpec {
     fn default() -> Self {
-        Self { bucket_mb: 25.0, timeout_secs: 600.0 }
+        Self {
+            bucket_mb: 25.0,
+            timeout_secs: 600.0,
+        }
     }
 }
 
@@ -345,31 +291,14 @@ impl Default for SampleSpec {
 }
 
 impl JobSpec {
+    /// The DiT to build (a copy of `model`).
     pub fn dit_config(&self) -> TextDiTConfig {
-        let m = &self.model;
-        TextDiTConfig {
-            image_size: m.image_size,
-            patch_size: m.patch_size,
-            channels: m.channels,
-            dim: m.dim,
-            depth: m.depth,
-            heads: m.heads,
-            mlp_ratio: m.mlp_ratio,
-            context_dim: m.context_dim,
-        }
+        self.model.clone()
     }
 
+    /// The text tower to build (a copy of `text_encoder.config`).
     pub fn clip_config(&self) -> ClipTextConfig {
-        let t = &self.text_encoder;
-        ClipTextConfig {
-            vocab_size: t.vocab_size,
-            hidden_size: t.hidden_size,
-            intermediate_size: t.intermediate_size,
-            num_hidden_layers: t.layers,
-            num_attention_heads: t.heads,
-            max_position_embeddings: t.max_positions,
-            ..ClipTextConfig::new()
-        }
+        self.text_encoder.config.clone()
     }
 
     /// The effective spec as YAML (every key, defaults included): what the trainer logs and
@@ -386,14 +315,46 @@ impl JobSpec {
     }
 
     /// The first impossible value, as (key path, what is wrong).
-    pub(crate) fn first_problem(&self) -> Option<(&'static str, String)> {
-        self.model_problem()
-            .or_else(|| self.text_encoder_problem())
-            .or_else(|| self.data_problem())
-            .or_else(|| self.train_problem())
-            .or_else(|| self.output_problem())
-            .or_else(|| self.sample_problem())
-            .or_else(|| self.dist_problem())
+    pub(crate) fn first_problem(&self) -> Option<(String, String)> {
+        let job_problem = || {
+            self.data_problem()
+                .or_else(|| self.train_problem())
+                .or_else(|| self.output_problem())
+                .or_else(|| self.sample_problem())
+                .or_else(|| self.dist_problem())
+        };
+        self.network_problem()
+            .or_else(|| job_problem().map(|(key, reason)| (key.to_string(), reason)))
+    }
+
+    /// The networks' own rules (their `validate`, whose field goes under its section), then
+    /// what ties them together and where the encoder's weights come from.
+    fn network_problem(&self) -> Option<(String, String)> {
+        let in_section =
+            |section: &str, e: InvalidField| (format!("{section}.{}", e.field), e.reason);
+        if let Err(e) = self.model.validate() {
+            return Some(in_section("model", e));
+        }
+        let encoder = &self.text_encoder;
+        if self.model.context_dim != encoder.config.hidden_size {
+            let reason = format!(
+                "{} must equal text_encoder.hidden_size {} (the DiT cross-attends to the encoder's tokens)",
+                self.model.context_dim, encoder.config.hidden_size
+            );
+            return Some(("model.context_dim".into(), reason));
+        }
+        let weights_problem = encoder
+            .weights
+            .as_deref()
+            .and_then(crate::storage::weights_scheme_problem);
+        if let Some(reason) = weights_problem {
+            return Some(("text_encoder.weights".into(), reason));
+        }
+        encoder
+            .config
+            .validate()
+            .err()
+            .map(|e| in_section("text_encoder", e))
     }
 
     fn dist_problem(&self) -> Option<(&'static str, String)> {
@@ -417,9 +378,11 @@ impl JobSpec {
     /// passes). The global batch and its sample order do not depend on the number of ranks.
     pub fn batch_plan(&self, world_size: usize) -> crate::Result<(usize, usize)> {
         let t = &self.train;
-        let micro = t.micro_batch_size.unwrap_or(t.batch_size / world_size.max(1));
+        let micro = t
+            .micro_batch_size
+            .unwrap_or(t.batch_size / world_size.max(1));
         let per_pass = micro * world_size;
-        if micro == 0 || t.batch_size % per_pass != 0 {
+        if micro == 0 || !t.batch_size.is_multiple_of(per_pass) {
             return Err(crate::Error::Config(format!(
                 "train.batch_size {} cannot be split over {world_size} rank(s) with train.micro_batch_size {}: \
                  it must be a multiple of micro_batch_size × ranks",
@@ -430,94 +393,6 @@ impl JobSpec {
         Ok((micro, t.batch_size / per_pass))
     }
 
-    fn model_problem(&self) -> Option<(&'static str, String)> {
-        let m = &self.model;
-        let checks: [(bool, &'static str, String); 9] = [
-            (m.image_size == 0, "model.image_size", "must be > 0".into()),
-            (m.patch_size == 0, "model.patch_size", "must be > 0".into()),
-            (
-                m.image_size % m.patch_size.max(1) != 0,
-                "model.patch_size",
-                format!("{} does not divide model.image_size {}", m.patch_size, m.image_size),
-            ),
-            (m.channels == 0, "model.channels", "must be > 0".into()),
-            (m.depth == 0, "model.depth", "must be > 0".into()),
-            (
-                m.dim < 8 || m.dim % 4 != 0,
-                "model.dim",
-                format!("{} must be a multiple of 4 and at least 8 (2D sin/cos positions)", m.dim),
-            ),
-            (
-                m.heads == 0 || m.dim % m.heads.max(1) != 0,
-                "model.heads",
-                format!("{} does not divide model.dim {}", m.heads, m.dim),
-            ),
-            (
-                !(m.mlp_ratio.is_finite() && m.mlp_ratio > 0.0),
-                "model.mlp_ratio",
-                format!("must be > 0, got {}", m.mlp_ratio),
-            ),
-            (
-                m.context_dim != self.text_encoder.hidden_size,
-                "model.context_dim",
-                format!(
-                    "{} must equal text_encoder.hidden_size {} (the DiT cross-attends to the encoder's tokens)",
-                    m.context_dim, self.text_encoder.hidden_size
-                ),
-            ),
-        ];
-        first_failed(checks)
-    }
-
-    fn text_encoder_problem(&self) -> Option<(&'static str, String)> {
-        let t = &self.text_encoder;
-        if let Some(weights) = &t.weights {
-            if let Some(reason) = location_problem(weights, WEIGHT_SCHEMES) {
-                return Some(("text_encoder.weights", reason));
-            }
-        }
-        let checks: [(bool, &'static str, String); 5] = [
-            (
-                t.hidden_size == 0,
-                "text_encoder.hidden_size",
-                "must be > 0".into(),
-            ),
-            (
-                t.intermediate_size == 0,
-                "text_encoder.intermediate_size",
-                "must be > 0".into(),
-            ),
-            (t.layers == 0, "text_encoder.layers", "must be > 0".into()),
-            (
-                t.heads == 0 || t.hidden_size % t.heads.max(1) != 0,
-                "text_encoder.heads",
-                format!(
-                    "{} does not divide text_encoder.hidden_size {}",
-                    t.heads, t.hidden_size
-                ),
-            ),
-            (
-                t.vocab_size <= END_OF_TEXT as usize,
-                "text_encoder.vocab_size",
-                format!(
-                    "{} is too small for the CLIP tokenizer's ids (up to {END_OF_TEXT})",
-                    t.vocab_size
-                ),
-            ),
-        ];
-        first_failed(checks).or_else(|| {
-            (t.max_positions < CONTEXT_LENGTH).then(|| {
-                (
-                    "text_encoder.max_positions",
-                    format!(
-                        "{} is below the tokenizer's {CONTEXT_LENGTH} tokens",
-                        t.max_positions
-                    ),
-                )
-            })
-        })
-    }
-
     fn data_problem(&self) -> Option<(&'static str, String)> {
         let d = &self.data;
         if d.shards.trim().is_empty() {
@@ -526,7 +401,7 @@ impl JobSpec {
                 "must name the shard prefix (a path or URL)".into(),
             ));
         }
-        if let Some(reason) = location_problem(&d.shards, STORE_SCHEMES) {
+        if let Some(reason) = crate::storage::scheme_problem(&d.shards) {
             return Some(("data.shards", reason));
         }
         if d.shuffle_window == 0 {
@@ -608,7 +483,8 @@ impl JobSpec {
                 "must be > 0 (or unset for batch_size / ranks)".into(),
             ),
             (
-                t.micro_batch_size.is_some_and(|m| m > 0 && t.batch_size % m != 0),
+                t.micro_batch_size
+                    .is_some_and(|m| m > 0 && !t.batch_size.is_multiple_of(m)),
                 "train.micro_batch_size",
                 format!(
                     "{} does not divide train.batch_size {}",
@@ -663,7 +539,7 @@ impl JobSpec {
     fn output_problem(&self) -> Option<(&'static str, String)> {
         let c = &self.checkpoint;
         if c.enabled() {
-            if let Some(reason) = location_problem(&c.url, STORE_SCHEMES) {
+            if let Some(reason) = crate::storage::scheme_problem(&c.url) {
                 return Some(("checkpoint.url", reason));
             }
             if c.keep_last == 0 {
@@ -674,7 +550,7 @@ impl JobSpec {
             }
         }
         if !self.logging.dir.trim().is_empty() {
-            if let Some(reason) = location_problem(&self.logging.dir, STORE_SCHEMES) {
+            if let Some(reason) = crate::storage::scheme_problem(&self.logging.dir) {
                 return Some(("logging.dir", reason));
             }
         }
@@ -696,17 +572,23 @@ impl JobSpec {
         ];
         let sweep_problem = s.cfg_sweep.as_ref().and_then(|scales| {
             if scales.is_empty() {
-                return Some(("sample.cfg_sweep", "must list at least one scale, or be unset".to_string()));
+                return Some((
+                    "sample.cfg_sweep",
+                    "must list at least one scale, or be unset".to_string(),
+                ));
             }
             let bad = scales.iter().find(|v| !(v.is_finite() && **v >= 0.0))?;
-            Some(("sample.cfg_sweep", format!("every scale must be ≥ 0, got {bad}")))
+            Some((
+                "sample.cfg_sweep",
+                format!("every scale must be ≥ 0, got {bad}"),
+            ))
         });
         first_failed(checks).or(sweep_problem).or_else(|| {
             let dir = s.dir.as_deref()?;
             let reason = if dir.trim().is_empty() {
                 "must be a path or URL (or unset)".to_string()
             } else {
-                location_problem(dir, STORE_SCHEMES)?
+                crate::storage::scheme_problem(dir)?
             };
             Some(("sample.dir", reason))
         })
@@ -764,43 +646,10 @@ impl BackendChoice {
     }
 }
 
-/// Schemes `storage::object_store_for` opens.
-const STORE_SCHEMES: &[&str] = &[
-    "file", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "memory",
-];
-/// Schemes `storage::resolve_weights` opens.
-const WEIGHT_SCHEMES: &[&str] = &[
-    "hf", "file", "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "memory",
-];
-
-/// The URL scheme of `location`, if it looks like a URL at all (anything else is a path).
-pub(crate) fn scheme_of(location: &str) -> Option<&str> {
-    let (scheme, _) = location.split_once("://")?;
-    let mut chars = scheme.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    valid.then_some(scheme)
-}
-
-fn location_problem(location: &str, schemes: &[&str]) -> Option<String> {
-    let scheme = scheme_of(location)?;
-    (!schemes.contains(&scheme)).then(|| {
-        format!(
-            "`{location}`: unsupported scheme `{scheme}://`, expected a path or one of {}",
-            schemes
-                .iter()
-                .map(|s| format!("{s}://"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })
-}
-
 fn first_failed<const N: usize>(
     checks: [(bool, &'static str, String); N],
 ) -> Option<(&'static str, String)> {
-    checks
-        .into_iter()
-        .find(|(failed, _, _)| *failed)
-        .map(|(_, key, reason)| (key, reason))
+    InvalidField::first(checks)
+        .err()
+        .map(|e| (e.field, e.reason))
 }

@@ -13,8 +13,8 @@ use md5::Md5;
 use tracing::{info, warn};
 use url::Url;
 
-use super::prepare::Split;
 use super::shards::{sample_key, Sample};
+use super::split::Split;
 use crate::error::{Error, Result};
 use crate::storage::weights;
 
@@ -170,7 +170,11 @@ fn download_archive(url: &str, spec: &ArchiveSpec, cache_dir: &Path) -> Result<P
     if found != spec.md5 {
         // A corrupt partial must not be resumed, or every retry would fail the same way.
         let _ = fs::remove_file(&part);
-        return Err(Error::Md5 { file: url.to_string(), expected: spec.md5.clone(), found });
+        return Err(Error::Md5 {
+            file: url.to_string(),
+            expected: spec.md5.clone(),
+            found,
+        });
     }
     fs::rename(&part, &dest).map_err(|e| Error::io(&dest, e))?;
     info!(archive = %dest.display(), "CIFAR-10 archive downloaded and verified");

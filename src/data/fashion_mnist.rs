@@ -6,8 +6,8 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::prepare::Split;
 use super::shards::{sample_key, Sample};
+use super::split::Split;
 use crate::error::{Error, Result};
 
 pub const DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";

@@ -1,5 +1,6 @@
 //! `ditrun prepare`: turns a dataset (synthetic, CIFAR-10, Fashion-MNIST) into caption shards
-//! under any storage URL.
+//! under any storage URL. Sits above the dataset readers: they know nothing of `prepare` (the
+//! [`Split`] they read is in `split`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use tracing::{info, warn};
 use super::cifar10::{self, ArchiveSpec};
 use super::fashion_mnist;
 use super::shards::{storage_url, Sample, ShardIndex, ShardWriter};
+use super::split::Split;
 use super::synthetic::synthetic;
 use crate::error::{Error, Result};
 
@@ -40,32 +42,6 @@ impl DatasetKind {
 }
 
 impl std::fmt::Display for DatasetKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-#[value(rename_all = "lowercase")]
-pub enum Split {
-    #[default]
-    Train,
-    Test,
-}
-
-impl Split {
-    pub fn name(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Test => "test",
-        }
-    }
-}
-
-impl std::fmt::Display for Split {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }

@@ -3,22 +3,20 @@
 //! tell a complete, intact dataset from a damaged or half-written one before decoding anything.
 //!
 //! Shards are parsed in memory, never extracted, so member names cannot reach the file system.
+//! A dataset lives under one prefix [`Location`]: `index.json` and the shards are joined below
+//! it, and shard names that could step outside it are refused when the index is read.
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::Cursor;
-use std::sync::Arc;
 
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
-use url::Url;
 
 use crate::error::{Error, Result};
-use crate::storage::{block_on, object_store_for};
+use crate::storage::Location;
 
 pub const INDEX_FILE: &str = "index.json";
 /// Channel counts a shard image may have: gray, gray + alpha, RGB, RGBA (8 bits each).
@@ -65,84 +63,9 @@ pub fn sample_key(number: usize) -> String {
     format!("{number:08}")
 }
 
-/// A storage URL for `location`: URLs pass through, plain paths become absolute `file://` URLs.
-pub fn storage_url(location: &str) -> Result<String> {
-    if has_url_scheme(location) {
-        return Ok(location.to_string());
-    }
-    let absolute = std::path::absolute(location).map_err(|e| Error::io(location, e))?;
-    Url::from_directory_path(&absolute)
-        .map(|url| url.as_str().trim_end_matches('/').to_string())
-        .map_err(|()| {
-            Error::Config(format!(
-                "`{location}` is neither a storage URL nor a usable local path"
-            ))
-        })
-}
-
-/// The URL of the object `name` inside the folder `prefix_url`.
-pub fn object_url(prefix_url: &str, name: &str) -> String {
-    if prefix_url.ends_with('/') {
-        format!("{prefix_url}{name}")
-    } else {
-        format!("{prefix_url}/{name}")
-    }
-}
-
-fn has_url_scheme(location: &str) -> bool {
-    let Some((scheme, _)) = location.split_once("://") else {
-        return false;
-    };
-    let mut chars = scheme.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-}
-
-/// A folder in some object store, holding one prepared dataset.
-struct Prefix {
-    url: String,
-    store: Arc<dyn ObjectStore>,
-    path: ObjectPath,
-}
-
-impl Prefix {
-    fn open(location: &str) -> Result<Self> {
-        let url = storage_url(location)?;
-        let (store, path) = object_store_for(&url)?;
-        Ok(Self { url, store, path })
-    }
-
-    fn child(&self, name: &str) -> (ObjectPath, String) {
-        (self.path.clone().join(name), object_url(&self.url, name))
-    }
-
-    /// The object's bytes, or `None` when the store has no such object.
-    fn get(&self, name: &str) -> Result<Option<bytes::Bytes>> {
-        let (path, url) = self.child(name);
-        match block_on(async { self.store.get(&path).await?.bytes().await }) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(source) => Err(Error::ObjectStore { url, source }),
-        }
-    }
-
-    fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
-        let (path, url) = self.child(name);
-        block_on(self.store.put(&path, PutPayload::from(bytes)))
-            .map(|_| ())
-            .map_err(|source| Error::ObjectStore { url, source })
-    }
-
-    /// Removes `name`; true if it existed.
-    fn delete(&self, name: &str) -> Result<bool> {
-        let (path, url) = self.child(name);
-        match block_on(self.store.delete(&path)) {
-            Ok(()) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(source) => Err(Error::ObjectStore { url, source }),
-        }
-    }
-}
+/// The canonical URL of a shard prefix given as a path or URL (kept for callers holding strings;
+/// [`Location`] is the vocabulary).
+pub use crate::storage::location_url as storage_url;
 
 // ---------------------------------------------------------------------------------------------
 // Reading
@@ -150,40 +73,50 @@ impl Prefix {
 
 /// Reads and validates `<prefix>/index.json`.
 pub fn read_index(prefix_url: &str) -> Result<ShardIndex> {
-    let prefix = Prefix::open(prefix_url)?;
-    let url = object_url(&prefix.url, INDEX_FILE);
-    let bytes = prefix.get(INDEX_FILE)?.ok_or_else(|| Error::Dataset {
-        file: url.clone(),
+    read_index_at(&Location::parse(prefix_url)?)
+}
+
+/// [`read_index`] of a prefix already parsed.
+pub fn read_index_at(prefix: &Location) -> Result<ShardIndex> {
+    let file = prefix.join(INDEX_FILE)?;
+    let url = file.url();
+    let bytes = file.get()?.ok_or_else(|| Error::Dataset {
+        file: url.to_string(),
         reason: "not found: no prepared dataset here (run `ditrun prepare`), \
                  or its prepare did not finish (index.json is written last)"
             .to_string(),
     })?;
-    let index = parse_index(&url, &bytes)?;
-    validate_index(&url, &index)?;
+    let index = parse_index(url, &bytes)?;
+    validate_index(url, &index)?;
     Ok(index)
 }
 
 /// Fetches shard number `shard` of `index`, checks its size and sha256 against the index and
 /// decodes its samples, in the order they were written.
 pub fn read_shard(prefix_url: &str, index: &ShardIndex, shard: usize) -> Result<Vec<Sample>> {
-    let prefix = Prefix::open(prefix_url)?;
+    read_shard_at(&Location::parse(prefix_url)?, index, shard)
+}
+
+/// [`read_shard`] under a prefix already parsed.
+pub fn read_shard_at(prefix: &Location, index: &ShardIndex, shard: usize) -> Result<Vec<Sample>> {
     let entry = index.shards.get(shard).ok_or_else(|| Error::Shard {
-        shard: format!("#{shard} under {}", prefix.url),
+        shard: format!("#{shard} under {prefix}"),
         reason: format!("index.json lists only {} shards", index.shards.len()),
     })?;
-    let shard_url = object_url(&prefix.url, &entry.name);
-    let bytes = prefix.get(&entry.name)?.ok_or_else(|| Error::Shard {
-        shard: shard_url.clone(),
+    let file = prefix.join(&entry.name)?;
+    let shard_url = file.url();
+    let bytes = file.get()?.ok_or_else(|| Error::Shard {
+        shard: shard_url.to_string(),
         reason: format!(
             "missing: index.json lists it ({} samples, {} bytes) but the store has no such object",
             entry.samples, entry.bytes
         ),
     })?;
-    verify_shard_bytes(&shard_url, entry, &bytes)?;
-    let samples = parse_shard(&shard_url, &bytes, index.image_size, index.channels)?;
+    verify_shard_bytes(shard_url, entry, &bytes)?;
+    let samples = parse_shard(shard_url, &bytes, index.image_size, index.channels)?;
     if samples.len() != entry.samples {
         return Err(Error::Shard {
-            shard: shard_url,
+            shard: shard_url.to_string(),
             reason: format!(
                 "holds {} samples, index.json says {}",
                 samples.len(),
@@ -563,7 +496,7 @@ fn is_safe_shard_name(name: &str) -> bool {
 /// [`ShardWriter::finish`], after every shard, and any earlier `index.json` at the prefix is
 /// removed when the writer starts: a prepare that crashes midway never looks complete.
 pub struct ShardWriter {
-    prefix: Prefix,
+    prefix: Location,
     dataset: String,
     image_size: usize,
     channels: usize,
@@ -583,6 +516,19 @@ impl ShardWriter {
         channels: usize,
         samples_per_shard: usize,
     ) -> Result<Self> {
+        let prefix = Location::parse(prefix_url)?;
+        Self::at(prefix, dataset, image_size, channels, samples_per_shard)
+    }
+
+    /// [`new`](Self::new) under a prefix already parsed.
+    pub fn at(
+        prefix: Location,
+        dataset: &str,
+        image_size: usize,
+        channels: usize,
+        samples_per_shard: usize,
+    ) -> Result<Self> {
+        let prefix_url = prefix.url();
         if image_size == 0 {
             return Err(Error::Config(format!(
                 "shards for {prefix_url}: image size must be at least 1"
@@ -598,9 +544,8 @@ impl ShardWriter {
                 "shards for {prefix_url}: samples per shard must be at least 1"
             )));
         }
-        let prefix = Prefix::open(prefix_url)?;
-        if prefix.delete(INDEX_FILE)? {
-            warn!(prefix = %prefix.url, "replacing the dataset prepared here before; its index.json is removed until the new one is complete");
+        if prefix.join(INDEX_FILE)?.delete()? {
+            warn!(prefix = %prefix, "replacing the dataset prepared here before; its index.json is removed until the new one is complete");
         }
         Ok(Self {
             prefix,
@@ -618,17 +563,18 @@ impl ShardWriter {
 
     /// The storage URL this writer writes under.
     pub fn prefix_url(&self) -> &str {
-        &self.prefix.url
+        self.prefix.url()
     }
 
     /// Adds one sample; keys must be non-empty, of `[A-Za-z0-9_-]`, and increase strictly, so
     /// that they are unique and in order.
     pub fn write(&mut self, sample: Sample) -> Result<()> {
-        let shard_url = object_url(&self.prefix.url, &shard_name(self.shards.len()));
-        self.check_sample(&shard_url, &sample)?;
-        let png = self.encode_png(&sample.pixels).map_err(|e| {
-            sample_error(&shard_url, &sample.key, format!("cannot encode PNG: {e}"))
-        })?;
+        let shard = self.prefix.join(&shard_name(self.shards.len()))?;
+        let shard_url = shard.url();
+        self.check_sample(shard_url, &sample)?;
+        let png = self
+            .encode_png(&sample.pixels)
+            .map_err(|e| sample_error(shard_url, &sample.key, format!("cannot encode PNG: {e}")))?;
         let label = sample.label.to_string();
         let members: [(&str, &[u8]); 3] = [
             ("png", &png),
@@ -639,7 +585,7 @@ impl ShardWriter {
             append_member(&mut self.tar, &format!("{}.{extension}", sample.key), data).map_err(
                 |e| {
                     sample_error(
-                        &shard_url,
+                        shard_url,
                         &sample.key,
                         format!("cannot add `.{extension}` to the tar: {e}"),
                     )
@@ -662,7 +608,7 @@ impl ShardWriter {
         }
         if self.shards.is_empty() {
             return Err(Error::Dataset {
-                file: self.prefix.url.clone(),
+                file: self.prefix.url().to_string(),
                 reason: "no samples were written, so no index.json either".to_string(),
             });
         }
@@ -675,9 +621,9 @@ impl ShardWriter {
             shards: std::mem::take(&mut self.shards),
         };
         let json = serde_json::to_vec_pretty(&index).expect("an index always serialises");
-        self.prefix.put(INDEX_FILE, json)?;
+        self.prefix.join(INDEX_FILE)?.put(json)?;
         info!(
-            prefix = %self.prefix.url,
+            prefix = %self.prefix,
             shards = index.shards.len(),
             samples = index.total_samples,
             captions = index.captions.len(),
@@ -744,10 +690,11 @@ impl ShardWriter {
 
     fn flush_shard(&mut self) -> Result<()> {
         let name = shard_name(self.shards.len());
-        let shard_url = object_url(&self.prefix.url, &name);
+        let shard = self.prefix.join(&name)?;
+        let shard_url = shard.url();
         let tar = std::mem::replace(&mut self.tar, tar::Builder::new(Vec::new()));
         let bytes = tar.into_inner().map_err(|e| Error::Shard {
-            shard: shard_url.clone(),
+            shard: shard_url.to_string(),
             reason: format!("cannot finish the tar: {e}"),
         })?;
         let entry = ShardEntry {
@@ -756,7 +703,7 @@ impl ShardWriter {
             bytes: bytes.len() as u64,
             sha256: hex::encode(Sha256::digest(&bytes)),
         };
-        self.prefix.put(&name, bytes)?;
+        shard.put(bytes)?;
         debug!(shard = %shard_url, samples = entry.samples, bytes = entry.bytes, "shard written");
         self.shards.push(entry);
         self.in_shard = 0;

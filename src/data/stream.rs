@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
-use crate::data::shards::{read_index, read_shard, Sample, ShardIndex};
+use crate::data::shards::{read_index_at, read_shard_at, Sample, ShardIndex};
 use crate::error::{Error, Result};
+use crate::storage::Location;
 
 /// Where shards come from: the index and one shard's decoded samples at a time.
 /// `load` errors should name the shard (and the sample key where one is at fault).
@@ -37,21 +38,24 @@ pub trait ShardSource: Send + Sync {
 
 /// Shards written by `ShardWriter` under an object-store URL (or a local path).
 pub struct ObjectStoreShards {
-    prefix: String,
+    prefix: Location,
     index: ShardIndex,
 }
 
 impl ObjectStoreShards {
     pub fn open(prefix_url: &str) -> Result<Self> {
-        let index = read_index(prefix_url)?;
-        Ok(Self {
-            prefix: prefix_url.to_string(),
-            index,
-        })
+        Self::at(Location::parse(prefix_url)?)
     }
 
+    /// The shards under a prefix already parsed; reads and checks `index.json`.
+    pub fn at(prefix: Location) -> Result<Self> {
+        let index = read_index_at(&prefix)?;
+        Ok(Self { prefix, index })
+    }
+
+    /// The prefix's canonical URL.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        self.prefix.url()
     }
 }
 
@@ -61,7 +65,7 @@ impl ShardSource for ObjectStoreShards {
     }
 
     fn load(&self, shard: usize) -> Result<Vec<Sample>> {
-        read_shard(&self.prefix, &self.index, shard)
+        read_shard_at(&self.prefix, &self.index, shard)
     }
 }
 

@@ -141,7 +141,11 @@ impl Geometry {
         let shift = size / 12.0;
         let centre = |rng: &mut StdRng| {
             let c = size / 2.0 + rng.random_range(-shift..=shift);
-            if size - r > r { c.clamp(r, size - r) } else { size / 2.0 }
+            if size - r > r {
+                c.clamp(r, size - r)
+            } else {
+                size / 2.0
+            }
         };
         let (cx, cy) = (centre(rng), centre(rng));
         Self { shape, cx, cy, r }
@@ -182,11 +186,21 @@ const SHAPE_THRESHOLD: u8 = 140;
 /// size), overlaps it best (intersection over union). Noise and stray pixels count against a
 /// sample, as an eye would count them.
 pub fn recognise(pixels: &[u8], size: usize) -> Recognised {
-    assert_eq!(pixels.len(), size * size * 3, "an RGB image of {size}×{size}");
-    let mask: Vec<bool> = pixels.chunks_exact(3).map(|p| p.iter().max().is_some_and(|&v| v > SHAPE_THRESHOLD)).collect();
+    assert_eq!(
+        pixels.len(),
+        size * size * 3,
+        "an RGB image of {size}×{size}"
+    );
+    let mask: Vec<bool> = pixels
+        .chunks_exact(3)
+        .map(|p| p.iter().max().is_some_and(|&v| v > SHAPE_THRESHOLD))
+        .collect();
     let count = mask.iter().filter(|&&m| m).count();
     if count < 4 {
-        return Recognised { colour: None, shape: None };
+        return Recognised {
+            colour: None,
+            shape: None,
+        };
     }
     let mut sum = [0u64; 3];
     let (mut x0, mut x1, mut y0, mut y1) = (size, 0, size, 0);
@@ -199,7 +213,14 @@ pub fn recognise(pixels: &[u8], size: usize) -> Recognised {
     }
     let mean = sum.map(|s| s as f32 / count as f32);
     let colour = (0..COLOURS.len()).min_by(|&a, &b| {
-        let distance = |c: usize| COLOURS[c].1.iter().zip(mean).map(|(&v, m)| (v as f32 - m).powi(2)).sum::<f32>();
+        let distance = |c: usize| {
+            COLOURS[c]
+                .1
+                .iter()
+                .zip(mean)
+                .map(|(&v, m)| (v as f32 - m).powi(2))
+                .sum::<f32>()
+        };
         distance(a).total_cmp(&distance(b))
     });
     let (width, height) = ((x1 - x0 + 1) as f32, (y1 - y0 + 1) as f32);
@@ -215,7 +236,12 @@ pub fn recognise(pixels: &[u8], size: usize) -> Recognised {
             for dx in -reach..=reach {
                 let mut r = size_f * 0.15;
                 while r <= size_f * 0.5 {
-                    let geometry = Geometry { shape, cx: cx + dx as f32 * step, cy: cy + dy as f32 * step, r };
+                    let geometry = Geometry {
+                        shape,
+                        cx: cx + dx as f32 * step,
+                        cy: cy + dy as f32 * step,
+                        r,
+                    };
                     best = best.max(overlap(&geometry, &mask, size));
                     r += 0.5;
                 }

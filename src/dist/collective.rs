@@ -74,7 +74,11 @@ impl Collective for SingleProcess {
 
 /// Refuses to go on unless every rank holds the same `digest` of `what` (a config hash, a
 /// dataset index, parameters); the error names the ranks that differ from rank 0.
-pub fn ensure_same_on_all_ranks(collective: &dyn Collective, what: &str, digest: &str) -> Result<()> {
+pub fn ensure_same_on_all_ranks(
+    collective: &dyn Collective,
+    what: &str,
+    digest: &str,
+) -> Result<()> {
     let all = collective.all_gather(digest.as_bytes(), what)?;
     let differing: Vec<String> = all
         .iter()

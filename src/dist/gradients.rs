@@ -27,12 +27,16 @@ pub fn average_gradients<AB: AutodiffBackend, M: AutodiffModule<AB>>(
         return Ok(Duration::ZERO);
     }
     let inner = module.valid();
-    let mut take = TakeFlat::<AB::InnerBackend> { grads, flat: Vec::new() };
+    let mut take = TakeFlat::<AB::InnerBackend> {
+        grads,
+        flat: Vec::new(),
+    };
     inner.visit(&mut take);
     let flat = std::mem::take(&mut take.flat);
 
     let bucket_len = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
-    let mut reduced: HashMap<ParamId, Tensor<AB::InnerBackend, 1>> = HashMap::with_capacity(flat.len());
+    let mut reduced: HashMap<ParamId, Tensor<AB::InnerBackend, 1>> =
+        HashMap::with_capacity(flat.len());
     let mut in_collectives = Duration::ZERO;
     let mut pending = flat.into_iter().peekable();
     let mut bucket_number = 0;
@@ -59,7 +63,10 @@ pub fn average_gradients<AB: AutodiffBackend, M: AutodiffModule<AB>>(
         reduced.extend(ids.into_iter().zip(averaged));
         bucket_number += 1;
     }
-    inner.visit(&mut PutBack::<AB::InnerBackend> { grads: take.grads, reduced });
+    inner.visit(&mut PutBack::<AB::InnerBackend> {
+        grads: take.grads,
+        reduced,
+    });
     Ok(in_collectives)
 }
 
@@ -73,7 +80,9 @@ pub fn reduce_bucket<B: Backend>(
     what: &str,
 ) -> Result<Vec<Tensor<B, 1>>> {
     let lens: Vec<usize> = parts.iter().map(|t| t.dims()[0]).collect();
-    let Some(device) = parts.first().map(Tensor::device) else { return Ok(parts) };
+    let Some(device) = parts.first().map(Tensor::device) else {
+        return Ok(parts);
+    };
     #[cfg(feature = "cuda")]
     if let Some(device_reduce) = collective.device() {
         let bucket = Tensor::cat(parts, 0);
@@ -97,7 +106,12 @@ fn reduce_on_host<B: Backend>(
 ) -> Result<Vec<Tensor<B, 1>>> {
     let mut values = Vec::with_capacity(lens.iter().sum());
     for part in parts {
-        values.extend(part.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data"));
+        values.extend(
+            part.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 data"),
+        );
     }
     collective.all_reduce_mean(&mut values, what)?;
     let mut offset = 0;
@@ -147,8 +161,12 @@ struct PutBack<'a, B: Backend> {
 
 impl<B: Backend> ModuleVisitor<B> for PutBack<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let flat = self.reduced.remove(&param.id).expect("every parameter was reduced");
-        self.grads.register::<B, D>(param.id, flat.reshape(param.shape()));
+        let flat = self
+            .reduced
+            .remove(&param.id)
+            .expect("every parameter was reduced");
+        self.grads
+            .register::<B, D>(param.id, flat.reshape(param.shape()));
     }
 }
 

@@ -39,18 +39,26 @@ pub struct RankFailure {
 /// on a 2-core machine (README, performance).
 pub fn auto_ranks_per_node() -> (usize, &'static str) {
     if let Ok(visible) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        let count = visible.split(',').filter(|d| !d.trim().is_empty() && d.trim() != "-1").count();
+        let count = visible
+            .split(',')
+            .filter(|d| !d.trim().is_empty() && d.trim() != "-1")
+            .count();
         if count > 0 {
             return (count, "GPUs in CUDA_VISIBLE_DEVICES");
         }
     }
     if let Ok(output) = Command::new("nvidia-smi").arg("-L").output() {
-        let count = String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with("GPU ")).count();
+        let count = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|l| l.starts_with("GPU "))
+            .count();
         if output.status.success() && count > 0 {
             return (count, "GPUs listed by nvidia-smi -L");
         }
     }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     (cores, "CPU ranks, one per core")
 }
 
@@ -102,9 +110,17 @@ pub fn launch(options: &LaunchOptions) -> Result<i32> {
         return Err(Error::Config("--nproc-per-node must be at least 1".into()));
     }
     if options.command.is_empty() {
-        return Err(Error::Config("nothing to launch: give the ditrun subcommand after `--`, e.g. `-- train --job J`".into()));
+        return Err(Error::Config(
+            "nothing to launch: give the ditrun subcommand after `--`, e.g. `-- train --job J`"
+                .into(),
+        ));
     }
-    tracing::info!(ranks, source, max_restarts = options.max_restarts, "launching");
+    tracing::info!(
+        ranks,
+        source,
+        max_restarts = options.max_restarts,
+        "launching"
+    );
     let mut restart = 0;
     loop {
         match run_attempt(options, ranks, restart)? {
@@ -138,7 +154,10 @@ pub fn launch(options: &LaunchOptions) -> Result<i32> {
 /// One mpirun; `None` when every rank succeeded.
 fn run_attempt(options: &LaunchOptions, ranks: usize, restart: u32) -> Result<Option<RankFailure>> {
     let mut command = mpirun_command(options, ranks, restart);
-    command.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
     let mut child = command.spawn().map_err(|e| {
         Error::Distributed(format!(
             "cannot start `{}`: {e} (install OpenMPI: apt-get install openmpi-bin, or pass --mpirun PATH)",
@@ -172,7 +191,11 @@ fn run_attempt(options: &LaunchOptions, ranks: usize, restart: u32) -> Result<Op
 pub fn failure_from_report(report: &str, mpirun_code: i32) -> RankFailure {
     let number_after = |text: &str, key: &str| -> Option<i64> {
         let at = text.find(key)? + key.len();
-        let digits: String = text[at..].trim_start().chars().take_while(|c| c.is_ascii_digit()).collect();
+        let digits: String = text[at..]
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
         digits.parse().ok()
     };
     let lines: Vec<&str> = report.lines().collect();
@@ -196,12 +219,18 @@ pub fn failure_from_report(report: &str, mpirun_code: i32) -> RankFailure {
             return RankFailure {
                 rank,
                 exit_code: if code == 0 { 1 } else { code },
-                description: format!("rank {} ended the job (MPI_Abort, exit code {code})", fmt_rank(rank)),
+                description: format!(
+                    "rank {} ended the job (MPI_Abort, exit code {code})",
+                    fmt_rank(rank)
+                ),
             };
         }
         // "The first process to do so was:\n  Process name: [[1234,1],1]\n  Exit code: 3"
         if line.trim_start().starts_with("Process name:") {
-            let rank = line.rsplit(',').next().and_then(|r| r.trim_end_matches(']').trim().parse::<usize>().ok());
+            let rank = line
+                .rsplit(',')
+                .next()
+                .and_then(|r| r.trim_end_matches(']').trim().parse::<usize>().ok());
             let rest = lines[i..(i + 3).min(lines.len())].join(" ");
             if let Some(code) = number_after(&rest, "Exit code:") {
                 return RankFailure {
@@ -227,7 +256,11 @@ fn is_root() -> bool {
     // Without a libc dependency: /proc/self/status holds "Uid: real effective ...".
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -240,7 +273,9 @@ mod tests {
         let report = "--------\nmpirun noticed that process rank 1 with PID 4242 on node box exited on signal 9 (Killed).\n--------\n";
         let failure = failure_from_report(report, 137);
         assert_eq!((failure.rank, failure.exit_code), (Some(1), 137));
-        assert!(failure.description.contains("rank 1 was killed by signal 9"));
+        assert!(failure
+            .description
+            .contains("rank 1 was killed by signal 9"));
     }
 
     #[test]
@@ -249,7 +284,8 @@ mod tests {
                       the job to be terminated. The first process to do so was:\n\n  Process name: [[14041,1],0]\n  Exit code:    4\n";
         let failure = failure_from_report(exited, 1);
         assert_eq!((failure.rank, failure.exit_code), (Some(0), 4));
-        let aborted = "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD\nwith errorcode 3.\n";
+        let aborted =
+            "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD\nwith errorcode 3.\n";
         let failure = failure_from_report(aborted, 1);
         assert_eq!((failure.rank, failure.exit_code), (Some(1), 3));
         assert_eq!(failure_from_report("nothing useful", 2).exit_code, 2);
@@ -257,9 +293,14 @@ mod tests {
 
     #[test]
     fn a_restart_resumes_from_the_latest_checkpoint() {
-        let first: Vec<String> = ["train", "--job", "j.yaml", "--resume", "never"].map(String::from).to_vec();
+        let first: Vec<String> = ["train", "--job", "j.yaml", "--resume", "never"]
+            .map(String::from)
+            .to_vec();
         assert_eq!(attempt_arguments(&first, 0), first);
-        assert_eq!(attempt_arguments(&first, 1), ["train", "--job", "j.yaml", "--resume", "auto"]);
+        assert_eq!(
+            attempt_arguments(&first, 1),
+            ["train", "--job", "j.yaml", "--resume", "auto"]
+        );
         let inline: Vec<String> = ["train", "--resume=never"].map(String::from).to_vec();
         assert_eq!(attempt_arguments(&inline, 2), ["train", "--resume", "auto"]);
     }

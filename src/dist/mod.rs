@@ -25,7 +25,11 @@ use crate::error::{Error, Result};
 ///
 /// GPU ranks started by an MPI launcher use NCCL even when there is only one (`mpirun -np 1`:
 /// the smoke test of the NCCL path on a one-GPU machine).
-pub fn connect(world: &World, timeout: Duration, gpu_ordinal: Option<usize>) -> Result<Box<dyn Collective>> {
+pub fn connect(
+    world: &World,
+    timeout: Duration,
+    gpu_ordinal: Option<usize>,
+) -> Result<Box<dyn Collective>> {
     #[cfg(feature = "cuda")]
     if let (Some(ordinal), WorldSource::OpenMpi | WorldSource::Pmi) = (gpu_ordinal, world.source) {
         let host = connect_mpi(world, timeout)?;
@@ -42,7 +46,10 @@ pub fn connect(world: &World, timeout: Duration, gpu_ordinal: Option<usize>) -> 
 /// (`ditrun bench --backend cuda --allreduce`).
 #[cfg(feature = "cuda")]
 pub fn nccl_single_process(ordinal: usize) -> Result<Box<dyn Collective>> {
-    Ok(Box::new(nccl::NcclCollective::init(Box::new(SingleProcess), ordinal)?))
+    Ok(Box::new(nccl::NcclCollective::init(
+        Box::new(SingleProcess),
+        ordinal,
+    )?))
 }
 
 #[cfg(feature = "mpi")]

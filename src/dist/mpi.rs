@@ -38,9 +38,10 @@ pub struct MpiCollective {
 impl MpiCollective {
     /// Initialises MPI (once per process); the collective finalises it when dropped.
     pub fn init(timeout: Duration) -> Result<Self> {
-        let (universe, _) = mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| {
-            Error::Distributed("MPI is already initialised in this process".into())
-        })?;
+        let (universe, _) =
+            mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| {
+                Error::Distributed("MPI is already initialised in this process".into())
+            })?;
         let world = universe.world();
         let data = world.duplicate();
         let arrivals = world.duplicate();
@@ -61,83 +62,47 @@ impl MpiCollective {
     /// `post` hands MPI pointers into buffers the caller borrows for the whole call; they
     /// stay valid because this returns only once every request completed (or the process
     /// aborted).
-    fn round(&self, what: &str, post: impl FnOnce(ffi::MPI_Comm, &mut Vec<ffi::MPI_Request>) -> c_int) -> Result<()> {
+    fn round(
+        &self,
+        what: &str,
+        post: impl FnOnce(ffi::MPI_Comm, &mut Vec<ffi::MPI_Request>) -> c_int,
+    ) -> Result<()> {
         let sequence = self.sequence.get() + 1;
         self.sequence.set(sequence);
-        let peers: Vec<usize> = (0..self.world_size).filter(|&r| r != self.rank).collect();
-        let outgoing = [sequence];
-        let mut incoming = vec![0u64; peers.len()];
-        let mut arrival_requests = vec![null_request(); peers.len()];
-        let mut send_requests = vec![null_request(); peers.len()];
+        let mut arrivals = Arrivals::post(self, sequence, what)?;
         let mut operation: Vec<ffi::MPI_Request> = Vec::new();
-        let arrivals = self.arrivals.as_raw();
-        unsafe {
-            for (slot, &peer) in peers.iter().enumerate() {
-                check(
-                    ffi::MPI_Irecv(
-                        incoming[slot..].as_mut_ptr() as *mut c_void,
-                        1,
-                        ffi::RSMPI_UINT64_T,
-                        peer as c_int,
-                        ARRIVAL_TAG,
-                        arrivals,
-                        &mut arrival_requests[slot],
-                    ),
-                    what,
-                )?;
-                check(
-                    ffi::MPI_Isend(
-                        outgoing.as_ptr() as *const c_void,
-                        1,
-                        ffi::RSMPI_UINT64_T,
-                        peer as c_int,
-                        ARRIVAL_TAG,
-                        arrivals,
-                        &mut send_requests[slot],
-                    ),
-                    what,
-                )?;
+        check(post(self.data.as_raw(), &mut operation), what)?;
+        self.wait_or_abort(what, &mut arrivals, &mut operation);
+        for (&peer, &theirs) in arrivals.peers.iter().zip(arrivals.incoming.iter()) {
+            if theirs != sequence {
+                return Err(Error::Distributed(format!(
+                    "{what}: rank {peer} is at collective #{theirs} while rank {} is at #{sequence}: the ranks \
+                     are running different steps",
+                    self.rank
+                )));
             }
         }
-        check(post(self.data.as_raw(), &mut operation), what)?;
+        Ok(())
+    }
 
+    /// Polls the arrivals and `operation` until all complete; past the deadline, names the
+    /// ranks that did not arrive and ends the job.
+    fn wait_or_abort(
+        &self,
+        what: &str,
+        arrivals: &mut Arrivals,
+        operation: &mut [ffi::MPI_Request],
+    ) {
         let deadline = Instant::now() + self.timeout;
         let mut polls = 0u32;
         loop {
-            let arrived_all = test_all(&mut arrival_requests);
-            let sent_all = test_all(&mut send_requests);
-            let done = test_all(&mut operation);
-            if arrived_all && sent_all && done {
-                break;
+            let arrived_all = test_all(&mut arrivals.receives);
+            let sent_all = test_all(&mut arrivals.sends);
+            if arrived_all && sent_all && test_all(operation) {
+                return;
             }
             if Instant::now() >= deadline {
-                let missing: Vec<String> = peers
-                    .iter()
-                    .zip(&arrival_requests)
-                    .filter(|(_, request)| !is_null(**request))
-                    .map(|(peer, _)| peer.to_string())
-                    .collect();
-                let message = if missing.is_empty() {
-                    // Everyone sent its arrival, so a peer stopped or died inside the transfer;
-                    // which one is not observable from here.
-                    let peers: Vec<String> = peers.iter().map(usize::to_string).collect();
-                    format!(
-                        "{what} (collective #{sequence}) did not complete within {:?} on rank {}: every rank \
-                         arrived, but the transfer with rank(s) {} stalled (one of them stopped or died \
-                         mid-transfer); ending the job",
-                        self.timeout,
-                        self.rank,
-                        peers.join(", ")
-                    )
-                } else {
-                    format!(
-                        "{what} (collective #{sequence}) did not complete within {:?} on rank {}: rank(s) {} \
-                         did not arrive; ending the job",
-                        self.timeout,
-                        self.rank,
-                        missing.join(", ")
-                    )
-                };
+                let message = self.timeout_message(what, arrivals);
                 tracing::error!("{message}");
                 eprintln!("error: distributed: {message}");
                 self.abort(TIMEOUT_EXIT_CODE);
@@ -151,22 +116,110 @@ impl MpiCollective {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
-        for (&peer, &theirs) in peers.iter().zip(&incoming) {
-            if theirs != sequence {
-                return Err(Error::Distributed(format!(
-                    "{what}: rank {peer} is at collective #{theirs} while rank {} is at #{sequence}: the ranks \
-                     are running different steps",
-                    self.rank
-                )));
+    }
+
+    fn timeout_message(&self, what: &str, arrivals: &Arrivals) -> String {
+        let sequence = arrivals.outgoing[0];
+        let missing: Vec<String> = arrivals
+            .peers
+            .iter()
+            .zip(&arrivals.receives)
+            .filter(|(_, request)| !is_null(**request))
+            .map(|(peer, _)| peer.to_string())
+            .collect();
+        if missing.is_empty() {
+            // Everyone sent its arrival, so a peer stopped or died inside the transfer; which
+            // one is not observable from here.
+            let peers: Vec<String> = arrivals.peers.iter().map(usize::to_string).collect();
+            format!(
+                "{what} (collective #{sequence}) did not complete within {:?} on rank {}: every rank \
+                 arrived, but the transfer with rank(s) {} stalled (one of them stopped or died \
+                 mid-transfer); ending the job",
+                self.timeout,
+                self.rank,
+                peers.join(", ")
+            )
+        } else {
+            format!(
+                "{what} (collective #{sequence}) did not complete within {:?} on rank {}: rank(s) {} \
+                 did not arrive; ending the job",
+                self.timeout,
+                self.rank,
+                missing.join(", ")
+            )
+        }
+    }
+}
+
+/// The arrival messages of one collective: every rank sends its sequence number to every
+/// other rank and receives theirs. The buffers are on the heap, so the pointers MPI holds stay
+/// valid when this moves.
+struct Arrivals {
+    peers: Vec<usize>,
+    outgoing: Box<[u64; 1]>,
+    incoming: Vec<u64>,
+    receives: Vec<ffi::MPI_Request>,
+    sends: Vec<ffi::MPI_Request>,
+}
+
+impl Arrivals {
+    fn post(collective: &MpiCollective, sequence: u64, what: &str) -> Result<Self> {
+        let peers: Vec<usize> = (0..collective.world_size)
+            .filter(|&r| r != collective.rank)
+            .collect();
+        let mut arrivals = Self {
+            outgoing: Box::new([sequence]),
+            incoming: vec![0u64; peers.len()],
+            receives: vec![null_request(); peers.len()],
+            sends: vec![null_request(); peers.len()],
+            peers,
+        };
+        let communicator = collective.arrivals.as_raw();
+        for slot in 0..arrivals.peers.len() {
+            let peer = arrivals.peers[slot] as c_int;
+            // SAFETY: the buffers live on the heap as long as `arrivals`, which the collective
+            // keeps until every request completed.
+            unsafe {
+                let incoming = arrivals.incoming[slot..].as_mut_ptr() as *mut c_void;
+                let receive = &mut arrivals.receives[slot];
+                check(
+                    ffi::MPI_Irecv(
+                        incoming,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        peer,
+                        ARRIVAL_TAG,
+                        communicator,
+                        receive,
+                    ),
+                    what,
+                )?;
+                let outgoing = arrivals.outgoing.as_ptr() as *const c_void;
+                let send = &mut arrivals.sends[slot];
+                check(
+                    ffi::MPI_Isend(
+                        outgoing,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        peer,
+                        ARRIVAL_TAG,
+                        communicator,
+                        send,
+                    ),
+                    what,
+                )?;
             }
         }
-        Ok(())
+        Ok(arrivals)
     }
 }
 
 /// Starts one non-blocking MPI call, which writes its request through the pointer it gets,
 /// and keeps the request for [`MpiCollective::round`] to poll; returns the call's error code.
-fn start(requests: &mut Vec<ffi::MPI_Request>, call: impl FnOnce(*mut ffi::MPI_Request) -> c_int) -> c_int {
+fn start(
+    requests: &mut Vec<ffi::MPI_Request>,
+    call: impl FnOnce(*mut ffi::MPI_Request) -> c_int,
+) -> c_int {
     let mut request = null_request();
     let code = call(&mut request);
     requests.push(request);
@@ -198,7 +251,9 @@ fn check(code: c_int, what: &str) -> Result<()> {
     if code == 0 {
         Ok(())
     } else {
-        Err(Error::Distributed(format!("{what}: MPI call failed with error code {code}")))
+        Err(Error::Distributed(format!(
+            "{what}: MPI call failed with error code {code}"
+        )))
     }
 }
 
@@ -245,7 +300,14 @@ impl Collective for MpiCollective {
         let mut length = [bytes.len() as u64];
         self.round(what, |comm, requests| unsafe {
             start(requests, |request| {
-                ffi::MPI_Ibcast(length.as_mut_ptr() as *mut c_void, 1, ffi::RSMPI_UINT64_T, root as c_int, comm, request)
+                ffi::MPI_Ibcast(
+                    length.as_mut_ptr() as *mut c_void,
+                    1,
+                    ffi::RSMPI_UINT64_T,
+                    root as c_int,
+                    comm,
+                    request,
+                )
             })
         })?;
         bytes.resize(length[0] as usize, 0);
@@ -253,7 +315,14 @@ impl Collective for MpiCollective {
             for piece in bytes.chunks_mut(MAX_COUNT) {
                 let code = start(requests, |request| {
                     let count = piece.len() as c_int;
-                    ffi::MPI_Ibcast(piece.as_mut_ptr() as *mut c_void, count, ffi::RSMPI_UINT8_T, root as c_int, comm, request)
+                    ffi::MPI_Ibcast(
+                        piece.as_mut_ptr() as *mut c_void,
+                        count,
+                        ffi::RSMPI_UINT8_T,
+                        root as c_int,
+                        comm,
+                        request,
+                    )
                 });
                 if code != 0 {
                     return code;
@@ -269,15 +338,29 @@ impl Collective for MpiCollective {
         self.round(what, |comm, requests| unsafe {
             start(requests, |request| {
                 let count = mine.len() as c_int;
-                let (send, receive) = (mine.as_ptr() as *const c_void, all.as_mut_ptr() as *mut c_void);
-                ffi::MPI_Iallgather(send, count, ffi::RSMPI_UINT8_T, receive, count, ffi::RSMPI_UINT8_T, comm, request)
+                let (send, receive) = (
+                    mine.as_ptr() as *const c_void,
+                    all.as_mut_ptr() as *mut c_void,
+                );
+                ffi::MPI_Iallgather(
+                    send,
+                    count,
+                    ffi::RSMPI_UINT8_T,
+                    receive,
+                    count,
+                    ffi::RSMPI_UINT8_T,
+                    comm,
+                    request,
+                )
             })
         })?;
         Ok(all.chunks(mine.len().max(1)).map(<[u8]>::to_vec).collect())
     }
 
     fn barrier(&self, what: &str) -> Result<()> {
-        self.round(what, |comm, requests| unsafe { start(requests, |request| ffi::MPI_Ibarrier(comm, request)) })
+        self.round(what, |comm, requests| unsafe {
+            start(requests, |request| ffi::MPI_Ibarrier(comm, request))
+        })
     }
 
     fn abort(&self, code: i32) -> ! {

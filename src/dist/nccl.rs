@@ -24,11 +24,17 @@ fn cuda_error(what: &str, error: impl std::fmt::Debug) -> Error {
 impl NcclCollective {
     /// Joins the NCCL communicator of all ranks on GPU `ordinal`.
     pub fn init(host: Box<dyn Collective>, ordinal: usize) -> Result<Self> {
-        let context = CudaContext::new(ordinal).map_err(|e| cuda_error(&format!("CUDA device {ordinal}"), e))?;
-        let stream = context.new_stream().map_err(|e| cuda_error("creating the NCCL stream", e))?;
+        let context = CudaContext::new(ordinal)
+            .map_err(|e| cuda_error(&format!("CUDA device {ordinal}"), e))?;
+        let stream = context
+            .new_stream()
+            .map_err(|e| cuda_error("creating the NCCL stream", e))?;
         let id = if host.rank() == 0 {
             let id = nccl::get_uniqueid().map_err(|e| {
-                cuda_error("ncclGetUniqueId (is libnccl.so.2 installed and on the library path?)", e)
+                cuda_error(
+                    "ncclGetUniqueId (is libnccl.so.2 installed and on the library path?)",
+                    e,
+                )
             })?;
             id.internal.iter().map(|&c| c as u8).collect()
         } else {
@@ -51,7 +57,11 @@ impl NcclCollective {
             communicator.assume_init()
         };
         tracing::info!(rank = host.rank(), gpu = ordinal, "NCCL communicator ready");
-        Ok(Self { communicator, stream, host })
+        Ok(Self {
+            communicator,
+            stream,
+            host,
+        })
     }
 }
 
@@ -79,7 +89,9 @@ impl DeviceAllReduce for NcclCollective {
             raw_stream,
         )
         .map_err(|e| cuda_error(&format!("{what}: ncclAllReduce"), e))?;
-        self.stream.synchronize().map_err(|e| cuda_error(&format!("{what}: waiting for NCCL"), e))
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_error(&format!("{what}: waiting for NCCL"), e))
     }
 }
 
@@ -125,8 +137,11 @@ pub fn device_address<B: burn::prelude::Backend>(
 ) -> Option<(u64, impl Sized)> {
     use burn::tensor::TensorPrimitive;
     type Cube = burn_cubecl::tensor::CubeTensor<cubecl_cuda::CudaRuntime>;
-    type Fused = burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<cubecl_cuda::CudaRuntime>>;
-    let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() else { return None };
+    type Fused =
+        burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<cubecl_cuda::CudaRuntime>>;
+    let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() else {
+        return None;
+    };
     let any = &primitive as &dyn std::any::Any;
     let cube: Cube = if let Some(cube) = any.downcast_ref::<Cube>() {
         cube.clone()
@@ -134,7 +149,10 @@ pub fn device_address<B: burn::prelude::Backend>(
         let fused = any.downcast_ref::<Fused>()?;
         // `primitive` is a second reference to the fused tensor, so resolving it leaves the
         // buffer registered for `tensor`.
-        fused.client.clone().resolve_tensor_float::<crate::backend::CudaNoFusion>(fused.clone())
+        fused
+            .client
+            .clone()
+            .resolve_tensor_float::<crate::backend::CudaNoFusion>(fused.clone())
     };
     let resource = cube.client.get_resource(cube.handle.clone()).ok()?;
     let address = resource.resource().ptr;

@@ -76,8 +76,20 @@ impl World {
                 "OMPI_COMM_WORLD_LOCAL_RANK",
                 "OMPI_COMM_WORLD_LOCAL_SIZE",
             ),
-            (WorldSource::Pmi, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-            (WorldSource::Torchrun, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+            (
+                WorldSource::Pmi,
+                "PMI_RANK",
+                "PMI_SIZE",
+                "MPI_LOCALRANKID",
+                "MPI_LOCALNRANKS",
+            ),
+            (
+                WorldSource::Torchrun,
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+            ),
         ];
         let mut world = World::single();
         for (source, rank, size, local_rank, local_size) in launchers {
@@ -139,7 +151,9 @@ impl World {
     /// CPU threads per rank when the job does not say: the node's cores shared evenly, so
     /// ranks on one node do not oversubscribe it.
     pub fn default_cpu_threads(&self) -> usize {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         (cores / self.local_world_size).max(1)
     }
 }
@@ -149,7 +163,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -168,14 +185,30 @@ mod tests {
             ("WORLD_SIZE", "1"),
         ]))
         .unwrap();
-        assert_eq!((world.rank, world.world_size, world.local_rank, world.local_world_size), (3, 4, 1, 2));
+        assert_eq!(
+            (
+                world.rank,
+                world.world_size,
+                world.local_rank,
+                world.local_world_size
+            ),
+            (3, 4, 1, 2)
+        );
         assert_eq!(world.source, WorldSource::OpenMpi);
     }
 
     #[test]
     fn pmi_and_torchrun_variables_are_read() {
-        let pmi = World::from_vars(&vars(&[("PMI_RANK", "1"), ("PMI_SIZE", "2"), ("MPI_LOCALRANKID", "1")])).unwrap();
-        assert_eq!((pmi.rank, pmi.world_size, pmi.local_rank, pmi.source), (1, 2, 1, WorldSource::Pmi));
+        let pmi = World::from_vars(&vars(&[
+            ("PMI_RANK", "1"),
+            ("PMI_SIZE", "2"),
+            ("MPI_LOCALRANKID", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (pmi.rank, pmi.world_size, pmi.local_rank, pmi.source),
+            (1, 2, 1, WorldSource::Pmi)
+        );
         let torchrun = World::from_vars(&vars(&[
             ("RANK", "5"),
             ("WORLD_SIZE", "8"),
@@ -185,22 +218,37 @@ mod tests {
             ("MASTER_PORT", "29500"),
         ]))
         .unwrap();
-        assert_eq!((torchrun.rank, torchrun.world_size, torchrun.local_rank), (5, 8, 1));
+        assert_eq!(
+            (torchrun.rank, torchrun.world_size, torchrun.local_rank),
+            (5, 8, 1)
+        );
         assert_eq!(torchrun.master.as_deref(), Some("10.0.0.1:29500"));
     }
 
     #[test]
     fn impossible_worlds_are_refused_with_the_variable() {
         let error = World::from_vars(&vars(&[("RANK", "2"), ("WORLD_SIZE", "2")])).unwrap_err();
-        assert!(error.to_string().contains("rank 2 is outside world size 2"), "{error}");
+        assert!(
+            error.to_string().contains("rank 2 is outside world size 2"),
+            "{error}"
+        );
         let error = World::from_vars(&vars(&[("RANK", "x"), ("WORLD_SIZE", "2")])).unwrap_err();
         assert!(error.to_string().contains("RANK=\"x\""), "{error}");
     }
 
     #[test]
     fn a_local_rank_without_its_own_gpu_is_an_error() {
-        let world = World::from_vars(&vars(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")])).unwrap();
+        let world = World::from_vars(&vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+        ]))
+        .unwrap();
         assert_eq!(world.gpu_ordinal(2).unwrap(), 1);
-        assert!(world.gpu_ordinal(1).unwrap_err().to_string().contains("no GPU of its own"));
+        assert!(world
+            .gpu_ordinal(1)
+            .unwrap_err()
+            .to_string()
+            .contains("no GPU of its own"));
     }
 }

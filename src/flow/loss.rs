@@ -23,7 +23,11 @@ impl<B: Backend> FlowBatch<B> {
         let device = x0.device();
         Self {
             x1: Tensor::random(dims, burn::tensor::Distribution::Normal(0.0, 1.0), &device),
-            t: Tensor::random([dims[0]], burn::tensor::Distribution::Uniform(0.0, 1.0), &device),
+            t: Tensor::random(
+                [dims[0]],
+                burn::tensor::Distribution::Uniform(0.0, 1.0),
+                &device,
+            ),
             x0,
         }
     }

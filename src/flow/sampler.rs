@@ -2,7 +2,9 @@ use burn::prelude::*;
 
 use crate::model::TextConditionalDiT;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Sampler {
     /// First order, one model call per step (the seed's).
@@ -51,7 +53,10 @@ fn pad_tokens<B: Backend>(
         return (context, mask);
     }
     let device = context.device();
-    let context = Tensor::cat(vec![context, Tensor::zeros([batch, len - m, width], &device)], 1);
+    let context = Tensor::cat(
+        vec![context, Tensor::zeros([batch, len - m, width], &device)],
+        1,
+    );
     let mask = Tensor::cat(vec![mask, Tensor::zeros([batch, len - m], &device)], 1);
     (context, mask)
 }
@@ -89,7 +94,11 @@ pub fn sample_recording<B: Backend>(
     let batch = x_init.dims()[0];
     let tokens = guidance.context.dims()[1];
     let (context, mask) = guidance.doubled();
-    let call = |x: Tensor<B, 4>, times: Tensor<B, 1>, context: Tensor<B, 3>, mask: Tensor<B, 2, Bool>, record: bool| {
+    let call = |x: Tensor<B, 4>,
+                times: Tensor<B, 1>,
+                context: Tensor<B, 3>,
+                mask: Tensor<B, 2, Bool>,
+                record: bool| {
         if record {
             model.forward_with_cross_attention(x, times, context, Some(mask))
         } else {
@@ -102,16 +111,28 @@ pub fn sample_recording<B: Backend>(
             // null + 1·(conditional − null) is the conditional velocity: skip the null half
             // (half the work, and exactly the plain conditional sampler).
             let times = Tensor::<B, 1>::full([batch], t, &device);
-            return call(x, times, guidance.context.clone(), guidance.mask.clone(), record);
+            return call(
+                x,
+                times,
+                guidance.context.clone(),
+                guidance.mask.clone(),
+                record,
+            );
         }
         let both = Tensor::cat(vec![x.clone(), x], 0);
         let times = Tensor::<B, 1>::full([2 * batch], t, &device);
         let (v, weights) = call(both, times, context.clone(), mask.clone(), record);
         // The conditional half, at its own tokens (the rest is padding to the null length).
-        let weights = weights.into_iter().map(|w| w.narrow(0, 0, batch).narrow(2, 0, tokens)).collect();
+        let weights = weights
+            .into_iter()
+            .map(|w| w.narrow(0, 0, batch).narrow(2, 0, tokens))
+            .collect();
         let conditional = v.clone().narrow(0, 0, batch);
         let null = v.narrow(0, batch, batch);
-        (null.clone() + (conditional - null).mul_scalar(guidance.scale), weights)
+        (
+            null.clone() + (conditional - null).mul_scalar(guidance.scale),
+            weights,
+        )
     };
     let dt = 1.0 / steps as f64;
     let mut x = x_init;
@@ -121,7 +142,11 @@ pub fn sample_recording<B: Backend>(
         let record = record_steps.contains(&i);
         let (v, per_block) = velocity(x.clone(), t, record);
         if record {
-            recorded.push(CrossAttentionAtStep { step: i, t, per_block });
+            recorded.push(CrossAttentionAtStep {
+                step: i,
+                t,
+                per_block,
+            });
         }
         x = match sampler {
             Sampler::Euler => x - v.mul_scalar(dt),
@@ -133,4 +158,19 @@ pub fn sample_recording<B: Backend>(
         };
     }
     (x, recorded)
+}
+
+/// The integration steps nearest to `times` (step i runs at t = 1 − i/steps, as in
+/// [`sample_recording`]), in order of time from noise to image, each once.
+pub fn steps_for_times(times: &[f64], steps: usize) -> Vec<usize> {
+    let mut chosen: Vec<usize> = times
+        .iter()
+        .map(|&t| {
+            (((1.0 - t.clamp(0.0, 1.0)) * steps as f64).round() as usize)
+                .min(steps.saturating_sub(1))
+        })
+        .collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    chosen
 }

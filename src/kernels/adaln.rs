@@ -38,7 +38,14 @@ multiversion! {
 }
 
 /// Forward over all rows: `(y, [μ, 1/σ] per row)`.
-pub fn forward(x: &[f32], scale: &[f32], shift: &[f32], n: usize, d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    n: usize,
+    d: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / d;
     let mut y = vec![0.0f32; rows * d];
     let mut stats = vec![0.0f32; rows * 2];
@@ -49,7 +56,14 @@ pub fn forward(x: &[f32], scale: &[f32], shift: &[f32], n: usize, d: usize, eps:
         .for_each(|(row, (y, stats))| {
             let b = row / n;
             let x = &x[row * d..(row + 1) * d];
-            forward_row(x, &scale[b * d..(b + 1) * d], &shift[b * d..(b + 1) * d], eps, y, stats);
+            forward_row(
+                x,
+                &scale[b * d..(b + 1) * d],
+                &shift[b * d..(b + 1) * d],
+                eps,
+                y,
+                stats,
+            );
         });
     (y, stats)
 }
@@ -96,23 +110,51 @@ multiversion! {
 }
 
 /// `(dx [B,N,D], dscale [B,1,D], dshift [B,1,D])`.
-pub fn backward(x: &[f32], scale: &[f32], stats: &[f32], dy: &[f32], n: usize, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn backward(
+    x: &[f32],
+    scale: &[f32],
+    stats: &[f32],
+    dy: &[f32],
+    n: usize,
+    d: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / d;
     let batch = rows / n;
     let mut dx = vec![0.0f32; rows * d];
-    dx.par_chunks_mut(d).enumerate().with_min_len(ROWS).for_each(|(row, dx)| {
-        let b = row / n;
-        let span = row * d..(row + 1) * d;
-        backward_row(&x[span.clone()], &dy[span], &scale[b * d..(b + 1) * d], stats[2 * row], stats[2 * row + 1], dx);
-    });
+    dx.par_chunks_mut(d)
+        .enumerate()
+        .with_min_len(ROWS)
+        .for_each(|(row, dx)| {
+            let b = row / n;
+            let span = row * d..(row + 1) * d;
+            backward_row(
+                &x[span.clone()],
+                &dy[span],
+                &scale[b * d..(b + 1) * d],
+                stats[2 * row],
+                stats[2 * row + 1],
+                dx,
+            );
+        });
     let mut dscale = vec![0.0f32; batch * d];
     let mut dshift = vec![0.0f32; batch * d];
-    dscale.par_chunks_mut(d).zip(dshift.par_chunks_mut(d)).enumerate().for_each(|(b, (dscale, dshift))| {
-        for row in b * n..(b + 1) * n {
-            let span = row * d..(row + 1) * d;
-            accumulate_modulation_row(&x[span.clone()], &dy[span], stats[2 * row], stats[2 * row + 1], dscale, dshift);
-        }
-    });
+    dscale
+        .par_chunks_mut(d)
+        .zip(dshift.par_chunks_mut(d))
+        .enumerate()
+        .for_each(|(b, (dscale, dshift))| {
+            for row in b * n..(b + 1) * n {
+                let span = row * d..(row + 1) * d;
+                accumulate_modulation_row(
+                    &x[span.clone()],
+                    &dy[span],
+                    stats[2 * row],
+                    stats[2 * row + 1],
+                    dscale,
+                    dshift,
+                );
+            }
+        });
     (dx, dscale, dshift)
 }
 
@@ -129,7 +171,9 @@ impl<B: CpuF32> Backward<B, 3> for AdaLnBackward {
         let (x, scale, stats) = ops.state;
         let [b, n, d] = x.shape().dims::<3>();
         let (dx, dscale, dshift) = B::with_f32(&x, |x| {
-            B::with_f32(&scale, |scale| B::with_f32(&grad, |dy| backward(x, scale, &stats, dy, n, d)))
+            B::with_f32(&scale, |scale| {
+                B::with_f32(&grad, |dy| backward(x, scale, &stats, dy, n, d))
+            })
         })
         .flatten()
         .flatten()
@@ -161,7 +205,9 @@ pub fn forward_tensors<B: CpuF32>(
         return None;
     }
     let (y, stats) = B::with_f32(x, |x| {
-        B::with_f32(scale, |scale| B::with_f32(shift, |shift| forward(x, scale, shift, n, d, eps)))
+        B::with_f32(scale, |scale| {
+            B::with_f32(shift, |shift| forward(x, scale, shift, n, d, eps))
+        })
     })
     .flatten()
     .flatten()?;
@@ -176,8 +222,10 @@ pub fn forward_autodiff<B: CpuF32, C: CheckpointStrategy>(
 ) -> Option<FloatTensor<Autodiff<B, C>>> {
     let (y, stats) = forward_tensors::<B>(&x.primitive, &scale.primitive, &shift.primitive, eps)?;
     let nodes = [x.node.clone(), scale.node.clone(), shift.node.clone()];
-    Some(match AdaLnBackward.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((x.primitive, scale.primitive, stats), y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    })
+    Some(
+        match AdaLnBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, scale.primitive, stats), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        },
+    )
 }

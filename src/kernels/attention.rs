@@ -35,7 +35,11 @@ impl ScoreBias {
         let stride = |size: usize, step: usize| if size == 1 { 0 } else { step };
         Some(Self {
             data,
-            strides: [stride(batch, heads * queries * keys), stride(heads, queries * keys), stride(queries, keys)],
+            strides: [
+                stride(batch, heads * queries * keys),
+                stride(heads, queries * keys),
+                stride(queries, keys),
+            ],
         })
     }
 
@@ -93,27 +97,73 @@ struct Sizes {
 }
 
 /// `(out [G, N, dv], weights [G, N, M])`, each (batch, head) group on one thread.
-fn forward_values(q: &[f32], k: &[f32], v: &[f32], sizes: Sizes, scale: f32, bias: Option<&ScoreBias>) -> (Vec<f32>, Vec<f32>) {
-    let Sizes { heads, groups, queries: n, keys: m, depth: d, value_depth: dv } = sizes;
+fn forward_values(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sizes: Sizes,
+    scale: f32,
+    bias: Option<&ScoreBias>,
+) -> (Vec<f32>, Vec<f32>) {
+    let Sizes {
+        heads,
+        groups,
+        queries: n,
+        keys: m,
+        depth: d,
+        value_depth: dv,
+    } = sizes;
     let mut out = vec![0.0f32; groups * n * dv];
     let mut weights = vec![0.0f32; groups * n * m];
-    out.par_chunks_mut(n * dv).zip(weights.par_chunks_mut(n * m)).enumerate().for_each(|(g, (out, p))| {
-        let (qg, kg, vg) = (&q[g * n * d..(g + 1) * n * d], &k[g * m * d..(g + 1) * m * d], &v[g * m * dv..(g + 1) * m * dv]);
-        let mut scores = vec![0.0f32; n * m];
-        matmul_serial(Matrix::row_major(qg, n, d), Matrix::row_major(kg, m, d).transposed(), &mut scores, false);
-        let (b, h) = (g / heads, g % heads);
-        for (i, (p, s)) in p.chunks_mut(m).zip(scores.chunks(m)).enumerate() {
-            let bias = bias.map_or(&[][..], |bias| bias.row(b, h, i, m));
-            softmax_row(s, bias, scale, p);
-        }
-        matmul_serial(Matrix::row_major(p, n, m), Matrix::row_major(vg, m, dv), out, false);
-    });
+    out.par_chunks_mut(n * dv)
+        .zip(weights.par_chunks_mut(n * m))
+        .enumerate()
+        .for_each(|(g, (out, p))| {
+            let (qg, kg, vg) = (
+                &q[g * n * d..(g + 1) * n * d],
+                &k[g * m * d..(g + 1) * m * d],
+                &v[g * m * dv..(g + 1) * m * dv],
+            );
+            let mut scores = vec![0.0f32; n * m];
+            matmul_serial(
+                Matrix::row_major(qg, n, d),
+                Matrix::row_major(kg, m, d).transposed(),
+                &mut scores,
+                false,
+            );
+            let (b, h) = (g / heads, g % heads);
+            for (i, (p, s)) in p.chunks_mut(m).zip(scores.chunks(m)).enumerate() {
+                let bias = bias.map_or(&[][..], |bias| bias.row(b, h, i, m));
+                softmax_row(s, bias, scale, p);
+            }
+            matmul_serial(
+                Matrix::row_major(p, n, m),
+                Matrix::row_major(vg, m, dv),
+                out,
+                false,
+            );
+        });
     (out, weights)
 }
 
 /// `(dq, dk, dv)` from the output gradient, per group on one thread.
-fn backward_values(q: &[f32], k: &[f32], v: &[f32], p: &[f32], d_out: &[f32], sizes: Sizes, scale: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let Sizes { groups, queries: n, keys: m, depth: d, value_depth: dv, .. } = sizes;
+fn backward_values(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    p: &[f32],
+    d_out: &[f32],
+    sizes: Sizes,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Sizes {
+        groups,
+        queries: n,
+        keys: m,
+        depth: d,
+        value_depth: dv,
+        ..
+    } = sizes;
     let mut dq = vec![0.0f32; groups * n * d];
     let mut dk = vec![0.0f32; groups * m * d];
     let mut dvalues = vec![0.0f32; groups * m * dv];
@@ -141,11 +191,22 @@ fn backward_values(q: &[f32], k: &[f32], v: &[f32], p: &[f32], d_out: &[f32], si
     (dq, dk, dvalues)
 }
 
-fn sizes_of<B: CpuF32>(q: &FloatTensor<B>, k: &FloatTensor<B>, v: &FloatTensor<B>) -> Option<Sizes> {
+fn sizes_of<B: CpuF32>(
+    q: &FloatTensor<B>,
+    k: &FloatTensor<B>,
+    v: &FloatTensor<B>,
+) -> Option<Sizes> {
     let [b, h, n, d] = q.shape().dims::<4>();
     let [kb, kh, m, kd] = k.shape().dims::<4>();
     let [vb, vh, vm, dv] = v.shape().dims::<4>();
-    ((kb, kh, kd) == (b, h, d) && (vb, vh, vm) == (b, h, m)).then_some(Sizes { heads: h, groups: b * h, queries: n, keys: m, depth: d, value_depth: dv })
+    ((kb, kh, kd) == (b, h, d) && (vb, vh, vm) == (b, h, m)).then_some(Sizes {
+        heads: h,
+        groups: b * h,
+        queries: n,
+        keys: m,
+        depth: d,
+        value_depth: dv,
+    })
 }
 
 /// The three inputs as contiguous values (strided views, as split heads are, copied once).
@@ -154,10 +215,19 @@ fn contiguous<B: CpuF32>(t: &FloatTensor<B>) -> Option<Arc<Vec<f32>>> {
 }
 
 /// Attention of plain (inference) tensors.
-pub fn forward<B: CpuF32>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, bias: Option<&ScoreBias>) -> Option<FloatTensor<B>> {
+pub fn forward<B: CpuF32>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: Option<&ScoreBias>,
+) -> Option<FloatTensor<B>> {
     let sizes = sizes_of::<B>(&q, &k, &v)?;
     let scale = (sizes.depth as f32).powf(-0.5);
-    let (qv, kv, vv) = (contiguous::<B>(&q)?, contiguous::<B>(&k)?, contiguous::<B>(&v)?);
+    let (qv, kv, vv) = (
+        contiguous::<B>(&q)?,
+        contiguous::<B>(&k)?,
+        contiguous::<B>(&v)?,
+    );
     let (out, _) = forward_values(&qv, &kv, &vv, sizes, scale, bias);
     let [b, h, n, _] = q.shape().dims::<4>();
     Some(B::from_f32(out, Shape::new([b, h, n, sizes.value_depth])))
@@ -185,11 +255,23 @@ impl<B: CpuF32> Backward<B, 3> for AttentionBackward {
         let d_out = grads.consume::<B>(&ops.node);
         let state = ops.state;
         let (dq, dk, dv) = B::with_f32(&d_out, |d_out| {
-            backward_values(&state.q, &state.k, &state.v, &state.weights, d_out, state.sizes, state.scale)
+            backward_values(
+                &state.q,
+                &state.k,
+                &state.v,
+                &state.weights,
+                d_out,
+                state.sizes,
+                state.scale,
+            )
         })
         .expect("the gradient is f32");
         let [q_shape, k_shape, v_shape] = state.shapes;
-        for (node, values, shape) in [(q_node, dq, q_shape), (k_node, dk, k_shape), (v_node, dv, v_shape)] {
+        for (node, values, shape) in [
+            (q_node, dq, q_shape),
+            (k_node, dk, k_shape),
+            (v_node, dv, v_shape),
+        ] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, B::from_f32(values, shape));
             }
@@ -206,17 +288,39 @@ pub fn forward_autodiff<B: CpuF32, C: CheckpointStrategy>(
 ) -> Option<FloatTensor<Autodiff<B, C>>> {
     let sizes = sizes_of::<B>(&q.primitive, &k.primitive, &v.primitive)?;
     let scale = (sizes.depth as f32).powf(-0.5);
-    let (qv, kv, vv) = (contiguous::<B>(&q.primitive)?, contiguous::<B>(&k.primitive)?, contiguous::<B>(&v.primitive)?);
+    let (qv, kv, vv) = (
+        contiguous::<B>(&q.primitive)?,
+        contiguous::<B>(&k.primitive)?,
+        contiguous::<B>(&v.primitive)?,
+    );
     let (out, weights) = forward_values(&qv, &kv, &vv, sizes, scale, bias);
     let [b, h, n, _] = q.primitive.shape().dims::<4>();
     let out = B::from_f32(out, Shape::new([b, h, n, sizes.value_depth]));
-    let shapes = [q.primitive.shape(), k.primitive.shape(), v.primitive.shape()];
+    let shapes = [
+        q.primitive.shape(),
+        k.primitive.shape(),
+        v.primitive.shape(),
+    ];
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-    Some(match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let state = AttentionState { q: qv, k: kv, v: vv, weights: Arc::new(weights), sizes, scale, shapes };
-            prep.finish(state, out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    })
+    Some(
+        match AttentionBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = AttentionState {
+                    q: qv,
+                    k: kv,
+                    v: vv,
+                    weights: Arc::new(weights),
+                    sizes,
+                    scale,
+                    shapes,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
 }

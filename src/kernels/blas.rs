@@ -20,10 +20,38 @@ const ROW_MAJOR: i32 = 101;
 const NO_TRANSPOSE: i32 = 111;
 const TRANSPOSE: i32 = 112;
 
-type CblasSgemmFn = unsafe extern "C" fn(i32, i32, i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
+type CblasSgemmFn = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
 /// `dnnl_sgemm(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)`, row-major.
-type DnnlSgemmFn =
-    unsafe extern "C" fn(i8, i8, i64, i64, i64, f32, *const f32, i64, *const f32, i64, f32, *mut f32, i64) -> i32;
+type DnnlSgemmFn = unsafe extern "C" fn(
+    i8,
+    i8,
+    i64,
+    i64,
+    i64,
+    f32,
+    *const f32,
+    i64,
+    *const f32,
+    i64,
+    f32,
+    *mut f32,
+    i64,
+) -> i32;
 type SetThreadsFn = unsafe extern "C" fn(i32);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,14 +150,19 @@ pub fn blas() -> Option<&'static Blas> {
             name => match PREFERENCE.iter().find(|kind| kind.name() == name) {
                 Some(&kind) => vec![kind],
                 None => {
-                    tracing::warn!(DITRUN_BLAS = name, "unknown BLAS (openblas, mkl, onednn, off): using auto");
+                    tracing::warn!(
+                        DITRUN_BLAS = name,
+                        "unknown BLAS (openblas, mkl, onednn, off): using auto"
+                    );
                     PREFERENCE.to_vec()
                 }
             },
         };
         let loaded = candidates.into_iter().find_map(load);
         match &loaded {
-            Some(blas) => tracing::debug!(blas = blas.kind.name(), "matrix products on a system BLAS"),
+            Some(blas) => {
+                tracing::debug!(blas = blas.kind.name(), "matrix products on a system BLAS")
+            }
             None => tracing::debug!("no system BLAS: matrix products on the gemm crate"),
         }
         loaded
@@ -150,20 +183,36 @@ fn load(kind: BlasKind) -> Option<Blas> {
         // mkl_service.h, openblas_config.h).
         let (sgemm, set_threads) = unsafe {
             match kind {
-                BlasKind::OneDnn => {
-                    (Sgemm::Dnnl(*library.get::<DnnlSgemmFn>(b"dnnl_sgemm\0").ok()?), library.get::<SetThreadsFn>(b"omp_set_num_threads\0").ok().map(|f| *f))
-                }
+                BlasKind::OneDnn => (
+                    Sgemm::Dnnl(*library.get::<DnnlSgemmFn>(b"dnnl_sgemm\0").ok()?),
+                    library
+                        .get::<SetThreadsFn>(b"omp_set_num_threads\0")
+                        .ok()
+                        .map(|f| *f),
+                ),
                 BlasKind::Mkl => (
                     Sgemm::Cblas(*library.get::<CblasSgemmFn>(b"cblas_sgemm\0").ok()?),
-                    library.get::<SetThreadsFn>(b"MKL_Set_Num_Threads\0").ok().map(|f| *f),
+                    library
+                        .get::<SetThreadsFn>(b"MKL_Set_Num_Threads\0")
+                        .ok()
+                        .map(|f| *f),
                 ),
                 BlasKind::OpenBlas => (
                     Sgemm::Cblas(*library.get::<CblasSgemmFn>(b"cblas_sgemm\0").ok()?),
-                    Some(*library.get::<SetThreadsFn>(b"openblas_set_num_threads\0").ok()?),
+                    Some(
+                        *library
+                            .get::<SetThreadsFn>(b"openblas_set_num_threads\0")
+                            .ok()?,
+                    ),
                 ),
             }
         };
-        Some(Blas { kind, sgemm, set_threads, _library: library })
+        Some(Blas {
+            kind,
+            sgemm,
+            set_threads,
+            _library: library,
+        })
     })
 }
 
@@ -175,7 +224,13 @@ impl Blas {
     /// # Safety
     /// `out` must be valid for writes (and reads when `accumulate`) of a row-major
     /// `lhs.rows × rhs.columns` matrix that overlaps neither operand.
-    pub unsafe fn matmul(&self, lhs: super::Matrix, rhs: super::Matrix, out: *mut f32, accumulate: bool) -> Option<()> {
+    pub unsafe fn matmul(
+        &self,
+        lhs: super::Matrix,
+        rhs: super::Matrix,
+        out: *mut f32,
+        accumulate: bool,
+    ) -> Option<()> {
         let layout = |m: &super::Matrix| -> Option<(bool, usize)> {
             if m.column_stride == 1 {
                 Some((false, m.row_stride.max(m.columns.max(1))))

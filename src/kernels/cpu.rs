@@ -27,7 +27,9 @@ impl CpuF32 for NdArray {
     }
 
     fn values_f32(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
-        let NdArrayTensor::F32(storage) = t else { return None };
+        let NdArrayTensor::F32(storage) = t else {
+            return None;
+        };
         let view = storage.view();
         Some(match view.to_slice() {
             Some(values) => Cow::Borrowed(values),
@@ -43,7 +45,11 @@ mod flex {
 
     impl super::CpuF32 for Flex {
         fn from_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
-            FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32)
+            FlexTensor::new(
+                Bytes::from_elems(values),
+                Layout::contiguous(shape),
+                DType::F32,
+            )
         }
 
         fn values_f32(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
@@ -54,7 +60,9 @@ mod flex {
                 Some(values) => std::borrow::Cow::Borrowed(values),
                 // `storage()` of a view is its whole buffer, whatever the layout: copy instead
                 // (the contiguous copy's bytes become the vector without another).
-                None => std::borrow::Cow::Owned(t.to_contiguous().into_data().into_vec::<f32>().ok()?),
+                None => {
+                    std::borrow::Cow::Owned(t.to_contiguous().into_data().into_vec::<f32>().ok()?)
+                }
             })
         }
     }

@@ -17,7 +17,10 @@ use burn::tensor::TensorPrimitive;
 
 use super::cpu::CpuF32;
 use super::elementwise::{self, Activation, GELU, SILU};
-use super::{adaln, attention as fused_attention, autocast, linear as fused_linear, token_attention};
+use super::{
+    adaln, attention as fused_attention, autocast, linear as fused_linear, reference,
+    token_attention,
+};
 
 static FUSED: AtomicBool = AtomicBool::new(true);
 
@@ -59,7 +62,13 @@ fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
 
 /// Tries the fused `autodiff` kernel, then the fused `plain` kernel, on `inputs` (a tuple of
 /// primitives of `B`), for the CPU backend `I`.
-fn try_backend<B: Backend, I: CpuF32, In: Clone + 'static, AdIn: Clone + 'static, PlainIn: Clone + 'static>(
+fn try_backend<
+    B: Backend,
+    I: CpuF32,
+    In: Clone + 'static,
+    AdIn: Clone + 'static,
+    PlainIn: Clone + 'static,
+>(
     inputs: In,
     autodiff: impl FnOnce(AdIn) -> Option<FloatTensor<Autodiff<I>>>,
     plain: impl FnOnce(PlainIn) -> Option<FloatTensor<I>>,
@@ -80,7 +89,10 @@ fn try_backend<B: Backend, I: CpuF32, In: Clone + 'static, AdIn: Clone + 'static
     }
 }
 
-fn activation<B: Backend, const D: usize>(op: Activation, x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+fn activation<B: Backend, const D: usize>(
+    op: Activation,
+    x: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
     if !fused() {
         return Err(x);
     }
@@ -94,7 +106,13 @@ fn activation<B: Backend, const D: usize>(op: Activation, x: Tensor<B, D>) -> Re
         Err(x) => x,
     };
     #[cfg(feature = "flex")]
-    let x = match try_backend::<B, burn::backend::Flex, _, FloatTensor<Autodiff<burn::backend::Flex>>, FloatTensor<burn::backend::Flex>>(
+    let x = match try_backend::<
+        B,
+        burn::backend::Flex,
+        _,
+        FloatTensor<Autodiff<burn::backend::Flex>>,
+        FloatTensor<burn::backend::Flex>,
+    >(
         x,
         |x| elementwise::forward_autodiff::<burn::backend::Flex, NoCheckpointing>(op, x),
         |x| elementwise::forward::<burn::backend::Flex>(op, &x),
@@ -130,7 +148,10 @@ pub fn host_values<B: Backend>(t: &FloatTensor<B>) -> Option<Cow<'_, [f32]>> {
 }
 
 /// A tensor of `B` owning `values`, when `B` is one of the kernels' CPU backends.
-pub fn host_tensor<B: Backend>(values: Vec<f32>, shape: burn::tensor::Shape) -> Option<FloatTensor<B>> {
+pub fn host_tensor<B: Backend>(
+    values: Vec<f32>,
+    shape: burn::tensor::Shape,
+) -> Option<FloatTensor<B>> {
     let id = std::any::TypeId::of::<FloatTensor<B>>();
     if id == std::any::TypeId::of::<FloatTensor<NdArray>>() {
         return cast::<FloatTensor<NdArray>, FloatTensor<B>>(NdArray::from_f32(values, shape)).ok();
@@ -157,7 +178,12 @@ type Triple<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
 /// `LayerNorm(x) (1 + scale) + shift` without affine parameters, over the last axis of
 /// `x` `[B, N, D]`, with `scale` and `shift` `[B, 1, D]`.
-pub fn adaln_modulate<B: Backend>(x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+pub fn adaln_modulate<B: Backend>(
+    x: Tensor<B, 3>,
+    scale: Tensor<B, 3>,
+    shift: Tensor<B, 3>,
+    eps: f64,
+) -> Tensor<B, 3> {
     if !fused() {
         return adaln_unfused(x, scale, shift, eps);
     }
@@ -188,11 +214,16 @@ pub fn adaln_modulate<B: Backend>(x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: T
 }
 
 /// [`adaln_modulate`] composed of burn ops.
-fn adaln_unfused<B: Backend>(x: Tensor<B, 3>, scale: Tensor<B, 3>, shift: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
-    crate::model::layers::normalize_last(x, eps) * (scale + 1.0) + shift
+fn adaln_unfused<B: Backend>(
+    x: Tensor<B, 3>,
+    scale: Tensor<B, 3>,
+    shift: Tensor<B, 3>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    reference::normalize_last(x, eps) * (scale + 1.0) + shift
 }
 
-/// Scaled dot-product attention, as [`crate::model::layers::attention`] computes it.
+/// Scaled dot-product attention, as [`reference::attention_unfused`] computes it.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -241,18 +272,26 @@ pub fn attention<B: Backend>(
 }
 
 /// [`attention`] of burn's ops, its products in the autocast dtype.
-fn attention_composed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, score_bias: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
+fn attention_composed<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    score_bias: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
     if autocast::casting() {
         autocast::attention(q, k, v, score_bias)
     } else {
-        crate::model::layers::attention_unfused(q, k, v, score_bias)
+        reference::attention_unfused(q, k, v, score_bias)
     }
 }
 
 /// [`attention`] as one autodiff node on the GPU backend `I` (`super::device_attention`), when
 /// `B` is `Autodiff<I>` and the bias is a constant.
 #[cfg(feature = "cuda")]
-fn device_attention_on<B: Backend, I: Backend>(inputs: Triple<B>, bias: Option<FloatTensor<B>>) -> Result<FloatTensor<B>, Triple<B>> {
+fn device_attention_on<B: Backend, I: Backend>(
+    inputs: Triple<B>,
+    bias: Option<FloatTensor<B>>,
+) -> Result<FloatTensor<B>, Triple<B>> {
     use super::device_attention::attention_autodiff;
     let inputs = cast::<Triple<B>, Triple<Autodiff<I>>>(inputs)?;
     let bias = match bias.map(cast::<FloatTensor<B>, FloatTensor<Autodiff<I>>>) {
@@ -269,7 +308,9 @@ fn device_attention_on<B: Backend, I: Backend>(inputs: Triple<B>, bias: Option<F
 
 /// The padding bias as the fused kernels take it: `Ok(None)` without one, `Err(())` when it
 /// cannot be used (tracked, or not a CPU tensor of `I`).
-fn score_bias_on<B: Backend, I: CpuF32>(bias: Option<FloatTensor<B>>) -> Result<Option<fused_attention::ScoreBias>, ()> {
+fn score_bias_on<B: Backend, I: CpuF32>(
+    bias: Option<FloatTensor<B>>,
+) -> Result<Option<fused_attention::ScoreBias>, ()> {
     // The bias must be a constant (a padding mask): its gradient is not computed here.
     let Some(bias) = bias else { return Ok(None) };
     let bias = match cast::<FloatTensor<B>, FloatTensor<Autodiff<I>>>(bias) {
@@ -283,11 +324,18 @@ fn score_bias_on<B: Backend, I: CpuF32>(bias: Option<FloatTensor<B>>) -> Result<
     bias.map(Some).ok_or(())
 }
 
-fn attention_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTensor<B>>) -> Result<FloatTensor<B>, Triple<B>> {
-    let Ok(score_bias) = score_bias_on::<B, I>(bias) else { return Err(inputs) };
+fn attention_on<B: Backend, I: CpuF32>(
+    inputs: Triple<B>,
+    bias: Option<FloatTensor<B>>,
+) -> Result<FloatTensor<B>, Triple<B>> {
+    let Ok(score_bias) = score_bias_on::<B, I>(bias) else {
+        return Err(inputs);
+    };
     try_backend::<B, I, _, Triple<Autodiff<I>>, Triple<I>>(
         inputs,
-        |(q, k, v)| fused_attention::forward_autodiff::<I, NoCheckpointing>(q, k, v, score_bias.as_ref()),
+        |(q, k, v)| {
+            fused_attention::forward_autodiff::<I, NoCheckpointing>(q, k, v, score_bias.as_ref())
+        },
         |(q, k, v)| fused_attention::forward::<I>(q, k, v, score_bias.as_ref()),
     )
 }
@@ -298,7 +346,13 @@ fn attention_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTens
 pub fn packed_self_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
     let qkv = if cpu_kernels_apply() {
         let x = primitive(qkv);
-        let x = match try_backend::<B, NdArray, _, FloatTensor<Autodiff<NdArray>>, FloatTensor<NdArray>>(
+        let x = match try_backend::<
+            B,
+            NdArray,
+            _,
+            FloatTensor<Autodiff<NdArray>>,
+            FloatTensor<NdArray>,
+        >(
             x,
             |x| token_attention::packed_autodiff::<NdArray, NoCheckpointing>(x, heads),
             |x| token_attention::packed_forward::<NdArray>(&x, heads),
@@ -325,9 +379,11 @@ pub fn packed_self_attention<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> Ten
     let [b, n, width] = qkv.dims();
     let head_dim = width / 3 / heads;
     // [B, N, 3, H, d] → [3, B, H, N, d].
-    let qkv = qkv.reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
+    let qkv = qkv
+        .reshape([b, n, 3, heads, head_dim])
+        .permute([2, 0, 3, 1, 4]);
     let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, heads, n, head_dim]);
-    crate::model::layers::merge_heads(attention(part(0), part(1), part(2), None))
+    reference::merge_heads(attention(part(0), part(1), part(2), None))
 }
 
 /// Attention of q `[B, N, H·d]` over k `[B, M, H·d]` and v `[B, M, H·dv]` (token-major, as the
@@ -355,15 +411,34 @@ pub fn multi_head_attention<B: Backend>(
     } else {
         (q, k, v)
     };
-    use crate::model::layers::{merge_heads, split_heads};
-    merge_heads(attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), score_bias))
+    use reference::{merge_heads, split_heads};
+    merge_heads(attention(
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+        score_bias,
+    ))
 }
 
-fn separate_on<B: Backend, I: CpuF32>(inputs: Triple<B>, bias: Option<FloatTensor<B>>, heads: usize) -> Result<FloatTensor<B>, Triple<B>> {
-    let Ok(score_bias) = score_bias_on::<B, I>(bias) else { return Err(inputs) };
+fn separate_on<B: Backend, I: CpuF32>(
+    inputs: Triple<B>,
+    bias: Option<FloatTensor<B>>,
+    heads: usize,
+) -> Result<FloatTensor<B>, Triple<B>> {
+    let Ok(score_bias) = score_bias_on::<B, I>(bias) else {
+        return Err(inputs);
+    };
     try_backend::<B, I, _, Triple<Autodiff<I>>, Triple<I>>(
         inputs,
-        |(q, k, v)| token_attention::separate_autodiff::<I, NoCheckpointing>(q, k, v, heads, score_bias.as_ref()),
+        |(q, k, v)| {
+            token_attention::separate_autodiff::<I, NoCheckpointing>(
+                q,
+                k,
+                v,
+                heads,
+                score_bias.as_ref(),
+            )
+        },
         |(q, k, v)| token_attention::separate_forward::<I>(&q, &k, &v, heads, score_bias.as_ref()),
     )
 }
@@ -372,7 +447,11 @@ type LinearInputs<B> = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
 
 /// `x · weight + bias` over the last axis of `x`, as `burn::tensor::module::linear` (weight
 /// `[d_in, d_out]`).
-pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+pub fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
     if autocast::casting() {
         return autocast::linear(x, weight, bias);
     }
@@ -380,14 +459,15 @@ pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>,
         return burn::tensor::module::linear(x, weight, bias);
     }
     let inputs: LinearInputs<B> = (primitive(x), primitive(weight), bias.map(primitive));
-    let inputs = match try_backend::<B, NdArray, _, LinearInputs<Autodiff<NdArray>>, LinearInputs<NdArray>>(
-        inputs,
-        |(x, w, b)| fused_linear::forward_autodiff::<NdArray, NoCheckpointing>(x, w, b),
-        |(x, w, b)| fused_linear::forward_tensors::<NdArray>(&x, &w, b.as_ref()),
-    ) {
-        Ok(y) => return tensor(y),
-        Err(inputs) => inputs,
-    };
+    let inputs =
+        match try_backend::<B, NdArray, _, LinearInputs<Autodiff<NdArray>>, LinearInputs<NdArray>>(
+            inputs,
+            |(x, w, b)| fused_linear::forward_autodiff::<NdArray, NoCheckpointing>(x, w, b),
+            |(x, w, b)| fused_linear::forward_tensors::<NdArray>(&x, &w, b.as_ref()),
+        ) {
+            Ok(y) => return tensor(y),
+            Err(inputs) => inputs,
+        };
     #[cfg(feature = "flex")]
     let inputs = {
         use burn::backend::Flex;
@@ -405,6 +485,9 @@ pub fn linear<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>,
 }
 
 /// A `burn::nn::Linear` layer through [`linear`].
-pub fn linear_layer<B: Backend, const D: usize>(layer: &burn::nn::Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+pub fn linear_layer<B: Backend, const D: usize>(
+    layer: &burn::nn::Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
     linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }

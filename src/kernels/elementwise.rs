@@ -74,17 +74,29 @@ pub struct Activation {
     pub backward: fn(&[f32], &[f32], &mut [f32]),
 }
 
-pub const GELU: Activation = Activation { forward: gelu_forward, backward: gelu_backward };
-pub const SILU: Activation = Activation { forward: silu_forward, backward: silu_backward };
+pub const GELU: Activation = Activation {
+    forward: gelu_forward,
+    backward: gelu_backward,
+};
+pub const SILU: Activation = Activation {
+    forward: silu_forward,
+    backward: silu_backward,
+};
 
 pub fn map_parallel(x: &[f32], kernel: fn(&[f32], &mut [f32])) -> Vec<f32> {
     let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| kernel(x, y));
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| kernel(x, y));
     y
 }
 
 fn zip_parallel(x: &[f32], dy: &[f32], kernel: fn(&[f32], &[f32], &mut [f32])) -> Vec<f32> {
-    assert_eq!(x.len(), dy.len(), "an activation's gradient has its input's shape");
+    assert_eq!(
+        x.len(),
+        dy.len(),
+        "an activation's gradient has its input's shape"
+    );
     let mut dx = vec![0.0f32; x.len()];
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
@@ -109,9 +121,11 @@ impl<B: CpuF32> Backward<B, 1> for Activation {
         let Some(parent) = parent else { return };
         let x = ops.state;
         let shape = x.shape();
-        let dx = B::with_f32(&x, |x| B::with_f32(&grad, |dy| zip_parallel(x, dy, self.backward)))
-            .flatten()
-            .expect("the forward pass ran on f32");
+        let dx = B::with_f32(&x, |x| {
+            B::with_f32(&grad, |dy| zip_parallel(x, dy, self.backward))
+        })
+        .flatten()
+        .expect("the forward pass ran on f32");
         grads.register::<B>(parent.id, B::from_f32(dx, shape));
     }
 }
@@ -122,8 +136,10 @@ pub fn forward_autodiff<B: CpuF32, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
 ) -> Option<FloatTensor<Autodiff<B, C>>> {
     let y = forward::<B>(op, &x.primitive)?;
-    Some(match op.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(x.primitive, y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    })
+    Some(
+        match op.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(x.primitive, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        },
+    )
 }

@@ -33,7 +33,13 @@ pub struct Matrix<'a> {
 impl<'a> Matrix<'a> {
     pub fn row_major(values: &'a [f32], rows: usize, columns: usize) -> Self {
         assert_eq!(values.len(), rows * columns, "a {rows}×{columns} matrix");
-        Self { values, rows, columns, row_stride: columns, column_stride: 1 }
+        Self {
+            values,
+            rows,
+            columns,
+            row_stride: columns,
+            column_stride: 1,
+        }
     }
 
     pub fn transposed(self) -> Self {
@@ -49,7 +55,12 @@ impl<'a> Matrix<'a> {
 
 /// Checks the shapes of `out = lhs · rhs` and settles the empty cases: `None` when there is
 /// nothing left to multiply (`out` already holds the result), else `(m, k, n)`.
-fn product_sizes(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) -> Option<(usize, usize, usize)> {
+fn product_sizes(
+    lhs: Matrix,
+    rhs: Matrix,
+    out: &mut [f32],
+    accumulate: bool,
+) -> Option<(usize, usize, usize)> {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     assert_eq!(out.len(), m * n, "the product is {m}×{n}");
@@ -106,7 +117,13 @@ fn unfilled(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
 unsafe fn assume_filled(buffer: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
     let mut buffer = std::mem::ManuallyDrop::new(buffer);
     // SAFETY: same allocation, layout and length; the caller vouches that all values are set.
-    unsafe { Vec::from_raw_parts(buffer.as_mut_ptr().cast::<f32>(), buffer.len(), buffer.capacity()) }
+    unsafe {
+        Vec::from_raw_parts(
+            buffer.as_mut_ptr().cast::<f32>(),
+            buffer.len(),
+            buffer.capacity(),
+        )
+    }
 }
 
 /// `lhs · rhs` as a new row-major buffer.
@@ -129,7 +146,14 @@ pub fn product(lhs: Matrix, rhs: Matrix) -> Vec<f32> {
 /// # Safety
 /// `out` must be valid for writes (and reads when `accumulate`) of `lhs.rows` rows of
 /// `rhs.columns` values, `out_row_stride` apart, overlapping neither operand.
-unsafe fn gemm_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride: usize, accumulate: bool, parallelism: Parallelism) {
+unsafe fn gemm_raw(
+    lhs: Matrix,
+    rhs: Matrix,
+    out: *mut f32,
+    out_row_stride: usize,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     // SAFETY: the operands' strides describe matrices inside their slices (`Matrix`), and the
     // caller vouches for `out`.
@@ -162,7 +186,16 @@ unsafe fn gemm_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride: usiz
 pub fn matmul_serial(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool) {
     if product_sizes(lhs, rhs, out, accumulate).is_some() {
         // SAFETY: `out` is an exclusive borrow of the product's size (checked above).
-        unsafe { gemm_raw(lhs, rhs, out.as_mut_ptr(), rhs.columns, accumulate, Parallelism::None) }
+        unsafe {
+            gemm_raw(
+                lhs,
+                rhs,
+                out.as_mut_ptr(),
+                rhs.columns,
+                accumulate,
+                Parallelism::None,
+            )
+        }
     }
 }
 
@@ -172,7 +205,13 @@ pub fn matmul_serial(lhs: Matrix, rhs: Matrix, out: &mut [f32], accumulate: bool
 /// # Safety
 /// `out` must be valid for writes of `lhs.rows` rows of `rhs.columns` values, `out_row_stride`
 /// apart, that no other thread touches meanwhile and that do not overlap `lhs` or `rhs`.
-pub unsafe fn matmul_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride: usize, accumulate: bool) {
+pub unsafe fn matmul_raw(
+    lhs: Matrix,
+    rhs: Matrix,
+    out: *mut f32,
+    out_row_stride: usize,
+    accumulate: bool,
+) {
     assert_eq!(lhs.columns, rhs.rows, "inner dimensions of a product");
     let (m, k, n) = (lhs.rows, lhs.columns, rhs.columns);
     if m == 0 || n == 0 {
@@ -194,8 +233,13 @@ pub unsafe fn matmul_raw(lhs: Matrix, rhs: Matrix, out: *mut f32, out_row_stride
 /// `x [rows, k] · weight [k, n] + bias [n]`.
 pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
     let rows = x.len() / k;
-    let (x, weight) = (Matrix::row_major(x, rows, k), Matrix::row_major(weight, k, n));
-    let Some(bias) = bias else { return product(x, weight) };
+    let (x, weight) = (
+        Matrix::row_major(x, rows, k),
+        Matrix::row_major(weight, k, n),
+    );
+    let Some(bias) = bias else {
+        return product(x, weight);
+    };
     let mut y = unfilled(rows * n);
     y.par_chunks_mut(n.max(1)).with_min_len(64).for_each(|row| {
         for (y, &b) in row.iter_mut().zip(bias) {
@@ -225,12 +269,16 @@ impl<B: CpuF32> Backward<B, 3> for LinearBackward {
         B::with_f32(&grad, |dy| {
             let dy_matrix = Matrix::row_major(dy, rows, n);
             if let Some(node) = x_node {
-                let dx = B::with_f32(&weight, |w| product(dy_matrix, Matrix::row_major(w, k, n).transposed()))
+                let dx = B::with_f32(&weight, |w| {
+                    product(dy_matrix, Matrix::row_major(w, k, n).transposed())
+                })
                 .expect("the forward pass ran on f32");
                 grads.register::<B>(node.id, B::from_f32(dx, x_shape.clone()));
             }
             if let Some(node) = weight_node {
-                let dw = B::with_f32(&x, |x| product(Matrix::row_major(x, rows, k).transposed(), dy_matrix))
+                let dw = B::with_f32(&x, |x| {
+                    product(Matrix::row_major(x, rows, k).transposed(), dy_matrix)
+                })
                 .expect("the forward pass ran on f32");
                 grads.register::<B>(node.id, B::from_f32(dw, Shape::new([k, n])));
             }
@@ -266,7 +314,11 @@ fn column_sums(values: &[f32], n: usize) -> Vec<f32> {
 }
 
 /// `x · weight + bias` of plain tensors, `x` of any rank (the last axis is `k`).
-pub fn forward_tensors<B: CpuF32>(x: &FloatTensor<B>, weight: &FloatTensor<B>, bias: Option<&FloatTensor<B>>) -> Option<FloatTensor<B>> {
+pub fn forward_tensors<B: CpuF32>(
+    x: &FloatTensor<B>,
+    weight: &FloatTensor<B>,
+    bias: Option<&FloatTensor<B>>,
+) -> Option<FloatTensor<B>> {
     let [k, n] = weight.shape().dims::<2>();
     let mut shape = x.shape();
     let last = shape.num_dims() - 1;
@@ -277,7 +329,9 @@ pub fn forward_tensors<B: CpuF32>(x: &FloatTensor<B>, weight: &FloatTensor<B>, b
         Some(b) => Some(B::with_f32(b, |b| b.to_vec())?),
         None => None,
     };
-    let y = B::with_f32(x, |x| B::with_f32(weight, |w| forward(x, w, bias.as_deref(), k, n)))??;
+    let y = B::with_f32(x, |x| {
+        B::with_f32(weight, |w| forward(x, w, bias.as_deref(), k, n))
+    })??;
     shape[last] = n;
     Some(B::from_f32(y, shape))
 }
@@ -287,18 +341,34 @@ pub fn forward_autodiff<B: CpuF32, C: CheckpointStrategy>(
     weight: FloatTensor<Autodiff<B, C>>,
     bias: Option<FloatTensor<Autodiff<B, C>>>,
 ) -> Option<FloatTensor<Autodiff<B, C>>> {
-    let y = forward_tensors::<B>(&x.primitive, &weight.primitive, bias.as_ref().map(|b| &b.primitive))?;
+    let y = forward_tensors::<B>(
+        &x.primitive,
+        &weight.primitive,
+        bias.as_ref().map(|b| &b.primitive),
+    )?;
     let Some(bias) = bias else {
-        return Some(match LinearNoBiasBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        });
+        return Some(
+            match LinearNoBiasBackward
+                .prepare::<C>([x.node.clone(), weight.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+        );
     };
     let nodes = [x.node.clone(), weight.node.clone(), bias.node.clone()];
-    Some(match LinearBackward.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    })
+    Some(
+        match LinearBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        },
+    )
 }
 
 /// [`LinearBackward`] for a layer without bias.
@@ -308,9 +378,23 @@ pub struct LinearNoBiasBackward;
 impl<B: CpuF32> Backward<B, 2> for LinearNoBiasBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
         let [x_node, weight_node] = ops.parents;
-        let with_bias = Ops { parents: [x_node, weight_node, None], node: ops.node, state: ops.state };
-        <LinearBackward as Backward<B, 3>>::backward(LinearBackward, with_bias, grads, checkpointer);
+        let with_bias = Ops {
+            parents: [x_node, weight_node, None],
+            node: ops.node,
+            state: ops.state,
+        };
+        <LinearBackward as Backward<B, 3>>::backward(
+            LinearBackward,
+            with_bias,
+            grads,
+            checkpointer,
+        );
     }
 }

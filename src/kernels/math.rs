@@ -23,12 +23,16 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 5e-1;
     let y = p * r2 + r + 1.0;
     // Wrapping: the dev profile checks overflow, and that check kept loops calling `exp` from
     // vectorising (n + 127 stays in 0..=255 after the clamp).
     let scale = f32::from_bits(((n as i32).wrapping_add(127) as u32) << 23);
-    if x < EXP_MIN { 0.0 } else { y * scale }
+    if x < EXP_MIN {
+        0.0
+    } else {
+        y * scale
+    }
 }
 
 /// The error function with an absolute error below 1e-6 (a rational approximation in x²,
@@ -74,7 +78,12 @@ pub fn sum(x: &[f32]) -> f32 {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..LANES {
             acc[i] += x[i] * y[i];
@@ -88,7 +97,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for chunk in chunks {
         for (a, &v) in acc.iter_mut().zip(chunk) {
             *a = if v > *a { v } else { *a };

@@ -1,19 +1,19 @@
 //! A TensorBoard event-file writer: scalars, PNG images, markdown text and hparams, written
 //! to a local directory or to any object store (through a local spool file that is uploaded
 //! whole, periodically and at the end).
+//!
+//! A log dir written as a plain path is appended to in place (TensorBoard can read it live);
+//! one written as a URL, `file://` included, is a [`Location`] and gets the spool.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use prost::Message;
 
 use super::png_image::encode_png_for;
@@ -25,6 +25,7 @@ use super::proto::{
 };
 use super::record::frame_record;
 use crate::error::{Error, Result};
+use crate::storage::{scheme_of, Location};
 
 /// What a TensorBoard reader requires as the first record of every event file.
 pub const FILE_VERSION: &str = "brain.Event:2";
@@ -127,52 +128,36 @@ impl EventWriter {
     }
 
     pub fn create_with(log_dir: &str, run_name: &str, options: EventWriterOptions) -> Result<Self> {
-        let file_name = event_file_name();
-        let mut writer = if is_url(log_dir) {
-            Self::create_remote(log_dir, run_name, &file_name, &options)?
-        } else {
-            let dir = FsPath::new(log_dir).join(run_name);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let path = dir.join(&file_name);
-            let location = path.display().to_string();
-            Self::open(path, location, None, &options)?
-        };
-        writer.write_event(Event {
-            wall_time: wall_time(),
-            step: 0,
-            what: Some(event::What::FileVersion(FILE_VERSION.to_string())),
-        })?;
-        Ok(writer)
+        if scheme_of(log_dir).is_some() {
+            return Self::create_in(&Location::parse(log_dir)?, run_name, options);
+        }
+        let dir = FsPath::new(log_dir).join(run_name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join(event_file_name());
+        let location = path.display().to_string();
+        Self::open(path, location, None, &options)
     }
 
-    fn create_remote(
-        log_dir: &str,
+    /// A writer for `log_dir/run_name/` in an object store (`file://` included), through a
+    /// local spool file; `run_name` may be empty.
+    pub fn create_in(
+        log_dir: &Location,
         run_name: &str,
-        file_name: &str,
-        options: &EventWriterOptions,
+        options: EventWriterOptions,
     ) -> Result<Self> {
-        let url = [log_dir.trim_end_matches('/'), run_name, file_name]
-            .iter()
-            .filter(|part| !part.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join("/");
-        let (store, object) = crate::storage::object_store_for(&url)?;
+        let file_name = event_file_name();
+        let object = log_dir.join(run_name)?.join(&file_name)?;
+        let url = object.url().to_string();
         let spool_dir = std::env::temp_dir()
             .join("ditrun-tensorboard")
             .join(format!("{}-{}", std::process::id(), next_writer_number()));
         std::fs::create_dir_all(&spool_dir).map_err(|e| Error::io(&spool_dir, e))?;
         let spool = spool_dir.join(file_name);
-        let remote = Remote::start(
-            store,
-            object,
-            spool.clone(),
-            url.clone(),
-            options.upload_timeout,
-        );
-        Self::open(spool, url, Some(remote), options)
+        let remote = Remote::start(object, spool.clone(), options.upload_timeout);
+        Self::open(spool, url, Some(remote), &options)
     }
 
+    /// Creates the event file and writes the version record every event file starts with.
     fn open(
         path: PathBuf,
         location: String,
@@ -180,7 +165,7 @@ impl EventWriter {
         options: &EventWriterOptions,
     ) -> Result<Self> {
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(EventWriter {
+        let mut writer = EventWriter {
             file: BufWriter::new(file),
             local_path: path,
             location,
@@ -189,7 +174,13 @@ impl EventWriter {
             last_sync: Instant::now(),
             remote,
             finished: false,
-        })
+        };
+        writer.write_event(Event {
+            wall_time: wall_time(),
+            step: 0,
+            what: Some(event::What::FileVersion(FILE_VERSION.to_string())),
+        })?;
+        Ok(writer)
     }
 
     /// Where readers find the events: the local file path or the object URL.
@@ -426,20 +417,15 @@ struct Remote {
 }
 
 impl Remote {
-    fn start(
-        store: Arc<dyn ObjectStore>,
-        object: ObjectPath,
-        spool: PathBuf,
-        url: String,
-        timeout: Duration,
-    ) -> Self {
+    fn start(object: Location, spool: PathBuf, timeout: Duration) -> Self {
+        let url = object.url().to_string();
         let (jobs, job_queue) = crossbeam_channel::unbounded::<u64>();
         let (outcome_sender, outcomes) = crossbeam_channel::unbounded();
         let worker = std::thread::Builder::new()
             .name("tensorboard-upload".into())
             .spawn(move || {
                 for len in job_queue {
-                    let result = upload_prefix(store.as_ref(), &object, &spool, len, timeout);
+                    let result = upload_prefix(&object, &spool, len, timeout);
                     if outcome_sender.send((len, result)).is_err() {
                         break;
                     }
@@ -511,8 +497,7 @@ impl Remote {
 }
 
 fn upload_prefix(
-    store: &dyn ObjectStore,
-    object: &ObjectPath,
+    object: &Location,
     spool: &FsPath,
     len: u64,
     timeout: Duration,
@@ -521,11 +506,12 @@ fn upload_prefix(
     File::open(spool)
         .and_then(|file| file.take(len).read_to_end(&mut bytes))
         .map_err(|e| format!("reading spool {}: {e}", spool.display()))?;
-    let put = store.put(object, PutPayload::from(bytes));
-    match crate::storage::block_on(async { tokio::time::timeout(timeout, put).await }) {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+    match object.put_within(bytes, timeout) {
+        Some(Ok(())) => Ok(()),
+        // The message names the URL already; the store's own words are the reason.
+        Some(Err(Error::ObjectStore { source, .. })) => Err(source.to_string()),
+        Some(Err(other)) => Err(other.to_string()),
+        None => Err(format!("no answer within {timeout:?}")),
     }
 }
 
@@ -607,10 +593,6 @@ fn proto_value(value: &HParamValue) -> ProtoValue {
         HParamValue::Bool(flag) => proto_value::Kind::BoolValue(*flag),
     };
     ProtoValue { kind: Some(kind) }
-}
-
-fn is_url(log_dir: &str) -> bool {
-    log_dir.contains("://")
 }
 
 fn wall_time() -> f64 {

@@ -2,43 +2,107 @@
 //! names: token + learned position embeddings, pre-LN causal blocks with quick-GELU, final
 //! LayerNorm. Frozen in ditrun: it only ever runs forward, once per distinct caption.
 
-use burn::config::Config;
 use burn::module::Initializer;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation;
+use serde::{Deserialize, Serialize};
 
+use super::dit::InvalidField;
 use super::layers::{attention, merge_heads, split_heads, LayerNorm, MASKED_SCORE};
+use super::tokenizer::{CONTEXT_LENGTH, END_OF_TEXT};
 
-/// Defaults are OpenAI's ViT-B/32 text tower (63,165,952 parameters).
-#[derive(Config, Debug, PartialEq)]
+/// The text tower's sizes; defaults are OpenAI's ViT-B/32 text tower (63,165,952 parameters).
+/// Serialised as a job's `text_encoder:` keys, which shorten three of Hugging Face's names
+/// (`layers`, `heads`, `max_positions`); a key a job leaves out keeps ViT-B/32's value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ClipTextConfig {
-    #[config(default = 49408)]
-    pub vocab_size: usize,
-    #[config(default = 512)]
     pub hidden_size: usize,
-    #[config(default = 2048)]
     pub intermediate_size: usize,
-    #[config(default = 12)]
+    #[serde(rename = "layers")]
     pub num_hidden_layers: usize,
-    #[config(default = 8)]
+    #[serde(rename = "heads")]
     pub num_attention_heads: usize,
-    #[config(default = 77)]
+    pub vocab_size: usize,
+    #[serde(rename = "max_positions")]
     pub max_position_embeddings: usize,
-    #[config(default = 1e-5)]
+    /// Not a job key (jobs always ran with ViT-B/32's); a Hugging Face config sets it.
+    #[serde(skip)]
     pub layer_norm_eps: f64,
-    #[config(default = 49407)]
+    /// Not a job key (jobs always ran with ViT-B/32's); a Hugging Face config sets it.
+    #[serde(skip)]
     pub eos_token_id: u32,
 }
 
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            vocab_size: 49408,
+            max_position_embeddings: 77,
+            layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+        }
+    }
+}
+
 impl ClipTextConfig {
+    /// ViT-B/32's text tower.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every rule the sizes must meet to encode the tokenizer's captions (the one place they
+    /// are written: job loading reports the field as `text_encoder.<field>`); the first one
+    /// broken, naming the field by its job key.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        let (width, heads) = (self.hidden_size, self.num_attention_heads);
+        InvalidField::first([
+            (width == 0, "hidden_size", "must be > 0".into()),
+            (
+                self.intermediate_size == 0,
+                "intermediate_size",
+                "must be > 0".into(),
+            ),
+            (self.num_hidden_layers == 0, "layers", "must be > 0".into()),
+            (
+                heads == 0 || !width.is_multiple_of(heads),
+                "heads",
+                format!("{heads} does not divide hidden_size {width}"),
+            ),
+            (
+                self.vocab_size <= END_OF_TEXT as usize,
+                "vocab_size",
+                format!(
+                    "{} is too small for the CLIP tokenizer's ids (up to {END_OF_TEXT})",
+                    self.vocab_size
+                ),
+            ),
+            (
+                self.max_position_embeddings < CONTEXT_LENGTH,
+                "max_positions",
+                format!(
+                    "{} is below the tokenizer's {CONTEXT_LENGTH} tokens",
+                    self.max_position_embeddings
+                ),
+            ),
+        ])
+    }
+
     /// Reads the fields ditrun needs from a Hugging Face `config.json` (a `CLIPTextConfig`, or a
     /// `CLIPConfig` with a `text_config` section); absent fields keep ViT-B/32's values.
     pub fn from_hf_json(json: &serde_json::Value) -> Self {
         let text = json.get("text_config").unwrap_or(json);
         let base = Self::new();
         let int = |key: &str, default: usize| {
-            text.get(key).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(default)
+            text.get(key)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .unwrap_or(default)
         };
         Self {
             vocab_size: int("vocab_size", base.vocab_size),
@@ -58,9 +122,14 @@ impl ClipTextConfig {
     /// Seeded random weights with CLIP's initialisation scale (normal, std 0.02): what runs when
     /// no pretrained weights are configured.
     pub fn init<B: Backend>(&self, device: &B::Device) -> ClipTextModel<B> {
-        let normal = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let normal = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
         let linear = |d_in: usize, d_out: usize| {
-            LinearConfig::new(d_in, d_out).with_initializer(normal.clone()).init(device)
+            LinearConfig::new(d_in, d_out)
+                .with_initializer(normal.clone())
+                .init(device)
         };
         let width = self.hidden_size;
         let layers = (0..self.num_hidden_layers)
@@ -81,7 +150,9 @@ impl ClipTextConfig {
             })
             .collect();
         let embedding = |n: usize| {
-            EmbeddingConfig::new(n, width).with_initializer(normal.clone()).init(device)
+            EmbeddingConfig::new(n, width)
+                .with_initializer(normal.clone())
+                .init(device)
         };
         ClipTextModel {
             embeddings: ClipEmbeddings {
@@ -127,10 +198,8 @@ impl<B: Backend> ClipTextModel<B> {
         }
         let h = self.final_layer_norm.forward(h);
         let width = h.dims()[2];
-        let index = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(eos_positions, [batch]),
-            &device,
-        );
+        let index =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(eos_positions, [batch]), &device);
         let pooled = h
             .clone()
             .gather(1, index.reshape([batch, 1, 1]).repeat_dim(2, width))
@@ -156,7 +225,9 @@ fn first_eos_positions<B: Backend>(input_ids: &Tensor<B, 2, Int>, eos: u32) -> V
     (0..batch)
         .map(|b| {
             let row = &ids[b * len..(b + 1) * len];
-            row.iter().position(|&id| id == eos as i64).unwrap_or(len - 1) as i64
+            row.iter()
+                .position(|&id| id == eos as i64)
+                .unwrap_or(len - 1) as i64
         })
         .collect()
 }
@@ -209,7 +280,8 @@ impl<B: Backend> ClipAttention<B> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.heads);
         let v = split_heads(self.v_proj.forward(x), self.heads);
-        self.out_proj.forward(merge_heads(attention(q, k, v, Some(causal))))
+        self.out_proj
+            .forward(merge_heads(attention(q, k, v, Some(causal))))
     }
 }
 

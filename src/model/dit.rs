@@ -2,66 +2,139 @@
 //! `shared/reference/README.md`). Parameter names match the seed's PyTorch module so that its
 //! safetensors files load as they are.
 
-use burn::config::Config;
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use super::layers::{
-    attention_weights, key_padding_bias, merge_heads, sincos_features, split_heads,
-    xavier_linear, zero_linear, LayerNorm,
+    attention_weights, key_padding_bias, merge_heads, sincos_features, split_heads, xavier_linear,
+    zero_linear, LayerNorm,
 };
 use crate::error::{Error, Result};
 use crate::kernels::linear_layer;
 
 const NORM_EPS: f64 = 1e-5;
 
-#[derive(Config, Debug, PartialEq)]
+/// The DiT's sizes, as a job's `model:` section spells them. Every key is optional there: one a
+/// job leaves out keeps the seed's value (the default: 18,145,072 parameters).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TextDiTConfig {
-    #[config(default = 32)]
     pub image_size: usize,
-    #[config(default = 4)]
+    /// Must divide `image_size`.
     pub patch_size: usize,
-    #[config(default = 3)]
     pub channels: usize,
-    #[config(default = 256)]
+    /// A multiple of 4 (the 2D sin/cos positions) and of `heads`.
     pub dim: usize,
-    #[config(default = 6)]
     pub depth: usize,
-    #[config(default = 8)]
     pub heads: usize,
-    #[config(default = 4.0)]
     pub mlp_ratio: f64,
     /// Width of the text encoder's token embeddings (512 for CLIP ViT-B/32).
-    #[config(default = 512)]
     pub context_dim: usize,
 }
 
+impl Default for TextDiTConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 32,
+            patch_size: 4,
+            channels: 3,
+            dim: 256,
+            depth: 6,
+            heads: 8,
+            mlp_ratio: 4.0,
+            context_dim: 512,
+        }
+    }
+}
+
+/// `with_<field>(value)` setters, so a config reads as the seed's model plus what differs.
+macro_rules! setters {
+    ($($setter:ident => $field:ident: $ty:ty),* $(,)?) => {
+        $(
+            pub fn $setter(mut self, $field: $ty) -> Self {
+                self.$field = $field;
+                self
+            }
+        )*
+    };
+}
+
+/// A value a network cannot be built with: the field, named as a job's key spells it, and why.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidField {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidField {
+    /// The first of `checks` (failed, field, reason) that failed, in order.
+    pub(crate) fn first<const N: usize>(
+        checks: [(bool, &'static str, String); N],
+    ) -> std::result::Result<(), Self> {
+        match checks.into_iter().find(|(failed, _, _)| *failed) {
+            Some((_, field, reason)) => Err(Self { field, reason }),
+            None => Ok(()),
+        }
+    }
+}
+
 impl TextDiTConfig {
-    /// Rejects sizes the architecture cannot represent, naming the field.
-    pub fn validate(&self) -> Result<()> {
-        let fail = |msg: String| Err(Error::Config(msg));
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
-            return fail(format!(
-                "model.patch_size {} must divide model.image_size {}",
-                self.patch_size, self.image_size
-            ));
-        }
-        if self.heads == 0 || self.dim % self.heads != 0 {
-            return fail(format!("model.heads {} must divide model.dim {}", self.heads, self.dim));
-        }
-        // The fixed 2D positions split dim into four sin/cos quarters.
-        if self.dim % 4 != 0 || self.dim < 8 {
-            return fail(format!("model.dim {} must be a multiple of 4 and at least 8", self.dim));
-        }
-        if self.channels == 0 || self.depth == 0 || self.context_dim == 0 {
-            return fail("model.channels, model.depth and model.context_dim must be > 0".into());
-        }
-        if !(self.mlp_ratio > 0.0) {
-            return fail(format!("model.mlp_ratio {} must be > 0", self.mlp_ratio));
-        }
-        Ok(())
+    /// The seed's model.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    setters! {
+        with_image_size => image_size: usize,
+        with_patch_size => patch_size: usize,
+        with_channels => channels: usize,
+        with_dim => dim: usize,
+        with_depth => depth: usize,
+        with_heads => heads: usize,
+        with_mlp_ratio => mlp_ratio: f64,
+        with_context_dim => context_dim: usize,
+    }
+
+    /// Every rule the sizes must meet to build a DiT (the one place they are written: job
+    /// loading reports the field as `model.<field>`); the first one broken, naming its field.
+    pub fn validate(&self) -> std::result::Result<(), InvalidField> {
+        InvalidField::first([
+            (self.image_size == 0, "image_size", "must be > 0".into()),
+            (self.patch_size == 0, "patch_size", "must be > 0".into()),
+            (
+                !self.image_size.is_multiple_of(self.patch_size),
+                "patch_size",
+                format!(
+                    "{} does not divide image_size {}",
+                    self.patch_size, self.image_size
+                ),
+            ),
+            (self.channels == 0, "channels", "must be > 0".into()),
+            (self.depth == 0, "depth", "must be > 0".into()),
+            (
+                // The fixed 2D positions split dim into four sin/cos quarters.
+                self.dim < 8 || !self.dim.is_multiple_of(4),
+                "dim",
+                format!(
+                    "{} must be a multiple of 4 and at least 8 (2D sin/cos positions)",
+                    self.dim
+                ),
+            ),
+            (
+                self.heads == 0 || !self.dim.is_multiple_of(self.heads),
+                "heads",
+                format!("{} does not divide dim {}", self.heads, self.dim),
+            ),
+            (
+                !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0),
+                "mlp_ratio",
+                format!("must be > 0, got {}", self.mlp_ratio),
+            ),
+            (self.context_dim == 0, "context_dim", "must be > 0".into()),
+        ])
     }
 
     pub fn grid(&self) -> usize {
@@ -69,7 +142,8 @@ impl TextDiTConfig {
     }
 
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TextConditionalDiT<B>> {
-        self.validate()?;
+        self.validate()
+            .map_err(|e| Error::Config(format!("model.{e}")))?;
         let dim = self.dim;
         let cond = 4 * dim;
         let hidden = (dim as f64 * self.mlp_ratio) as usize;
@@ -92,7 +166,11 @@ impl TextDiTConfig {
             text_proj: xavier_linear(self.context_dim, self.context_dim, device),
             blocks,
             final_norm: LayerNorm::new(dim, NORM_EPS, device),
-            final_proj: zero_linear(dim, self.patch_size * self.patch_size * self.channels, device),
+            final_proj: zero_linear(
+                dim,
+                self.patch_size * self.patch_size * self.channels,
+                device,
+            ),
             image_size: self.image_size,
             patch_size: self.patch_size,
             channels: self.channels,
@@ -156,14 +234,22 @@ impl<B: Backend> TextConditionalDiT<B> {
     ) -> (Tensor<B, 4>, Vec<Tensor<B, 3>>) {
         let batch = x.dims()[0];
         let h = self.patch_embed.forward(x) + self.positions.clone().unsqueeze::<3>();
-        let cond = linear_layer(&self.time2, crate::kernels::silu(linear_layer(&self.time1, self.time_features(t))));
+        let cond = linear_layer(
+            &self.time2,
+            crate::kernels::silu(linear_layer(&self.time1, self.time_features(t))),
+        );
         let context = linear_layer(&self.text_proj, context);
         let bias = mask.map(key_padding_bias);
         let mut h = h;
         let mut cross_attention = Vec::new();
         for block in &self.blocks {
-            let (next, weights) =
-                block.forward(h, cond.clone(), context.clone(), bias.clone(), record_cross_attention);
+            let (next, weights) = block.forward(
+                h,
+                cond.clone(),
+                context.clone(),
+                bias.clone(),
+                record_cross_attention,
+            );
             h = next;
             cross_attention.extend(weights);
         }
@@ -210,7 +296,9 @@ impl<B: Backend> TextConditionalDiT<B> {
 /// Fixed 2D sin/cos positions: the patch at (row, col) gets `concat(row part, col part)`,
 /// each part `dim/2` wide with `dim/4` frequencies; patches numbered row-major.
 fn fixed_positions<B: Backend>(dim: usize, grid: usize, device: &B::Device) -> Tensor<B, 2> {
-    let axis: Vec<Vec<f64>> = (0..grid).map(|r| sincos_features(r as f64, dim / 4)).collect();
+    let axis: Vec<Vec<f64>> = (0..grid)
+        .map(|r| sincos_features(r as f64, dim / 4))
+        .collect();
     let mut table = Vec::with_capacity(grid * grid * dim);
     for row in 0..grid {
         for col in 0..grid {
@@ -234,7 +322,11 @@ impl<B: Backend> PatchEmbed<B> {
         let bound = 1.0 / ((channels * patch * patch) as f64).sqrt();
         let uniform = Distribution::Uniform(-bound, bound);
         Self {
-            weight: Param::from_tensor(Tensor::random([dim, channels, patch, patch], uniform, device)),
+            weight: Param::from_tensor(Tensor::random(
+                [dim, channels, patch, patch],
+                uniform,
+                device,
+            )),
             bias: Param::from_tensor(Tensor::random([dim], uniform, device)),
         }
     }
@@ -294,7 +386,10 @@ impl<B: Backend> SelfAttention<B> {
 
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // q, k, v are the qkv projection's thirds, heads inside each, as the seed splits them.
-        linear_layer(&self.out, crate::kernels::packed_self_attention(linear_layer(&self.qkv, x), self.heads))
+        linear_layer(
+            &self.out,
+            crate::kernels::packed_self_attention(linear_layer(&self.qkv, x), self.heads),
+        )
     }
 }
 
@@ -326,15 +421,26 @@ impl<B: Backend> CrossAttention<B> {
         score_bias: Option<Tensor<B, 4>>,
         record: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
-        let (q, k, v) = (linear_layer(&self.q, x), linear_layer(&self.k, context.clone()), linear_layer(&self.v, context));
+        let (q, k, v) = (
+            linear_layer(&self.q, x),
+            linear_layer(&self.k, context.clone()),
+            linear_layer(&self.v, context),
+        );
         if !record {
             let attended = crate::kernels::multi_head_attention(q, k, v, self.heads, score_bias);
             return (linear_layer(&self.out, attended), None);
         }
-        let (q, k, v) = (split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads));
+        let (q, k, v) = (
+            split_heads(q, self.heads),
+            split_heads(k, self.heads),
+            split_heads(v, self.heads),
+        );
         let weights = attention_weights(q, k, score_bias);
         let mean_over_heads = weights.clone().mean_dim(1).squeeze_dim::<3>(1);
-        (linear_layer(&self.out, merge_heads(weights.matmul(v))), Some(mean_over_heads))
+        (
+            linear_layer(&self.out, merge_heads(weights.matmul(v))),
+            Some(mean_over_heads),
+        )
     }
 }
 
@@ -359,10 +465,15 @@ impl<B: Backend> DiTBlock<B> {
         record_cross_attention: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x, cond.clone()));
-        let (crossed, weights) =
-            self.cross.forward(self.norm2.forward(x.clone(), cond.clone()), context, score_bias, record_cross_attention);
+        let (crossed, weights) = self.cross.forward(
+            self.norm2.forward(x.clone(), cond.clone()),
+            context,
+            score_bias,
+            record_cross_attention,
+        );
         let x = x + crossed;
-        let hidden = crate::kernels::gelu(linear_layer(&self.fc1, self.norm3.forward(x.clone(), cond)));
+        let hidden =
+            crate::kernels::gelu(linear_layer(&self.fc1, self.norm3.forward(x.clone(), cond)));
         (x + linear_layer(&self.fc2, hidden), weights)
     }
 }

@@ -1,9 +1,15 @@
-//! Building blocks shared by the DiT and the CLIP encoder.
+//! Building blocks shared by the DiT and the CLIP encoder. The ops that have a fused kernel
+//! keep their one unfused definition in `crate::kernels::reference` (the kernels fall back to
+//! it and are tested against it) and are re-exported here, so the model sees one toolbox while
+//! the dependency runs one way: model → kernels.
 
 use burn::module::{Initializer, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation;
+
+pub use crate::kernels::reference::{
+    attention_unfused, attention_weights, merge_heads, normalize_last, split_heads,
+};
 
 /// Added to attention scores of masked keys. Finite rather than -inf so that a row whose keys
 /// are all masked yields a uniform (not NaN) distribution; for any row with one real key the
@@ -42,12 +48,6 @@ fn broadcast_last<const D: usize>(dim: usize) -> [usize; D] {
     shape
 }
 
-/// `(x - mean) / sqrt(var + eps)` over the last axis, biased variance as in PyTorch.
-pub fn normalize_last<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
-    let (var, mean) = x.clone().var_mean_bias(D - 1);
-    (x - mean) / (var + eps).sqrt()
-}
-
 /// A Linear layer initialised as the seed does: Xavier-uniform weight, zero bias.
 pub fn xavier_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
     let mut linear = LinearConfig::new(d_in, d_out)
@@ -65,18 +65,6 @@ pub fn zero_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) ->
     }
 }
 
-/// `[B, N, H*d]` → `[B, H, N, d]`.
-pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
-    let [b, n, width] = x.dims();
-    x.reshape([b, n, heads, width / heads]).swap_dims(1, 2)
-}
-
-/// `[B, H, N, d]` → `[B, N, H*d]`.
-pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
-    let [b, h, n, d] = x.dims();
-    x.swap_dims(1, 2).reshape([b, n, h * d])
-}
-
 /// Scaled dot-product attention. `score_bias` is added to the scores before the softmax and
 /// broadcasts over heads and queries (`[B, 1, 1, M]` for a key padding mask, `[1, 1, N, N]`
 /// for a causal mask).
@@ -88,32 +76,6 @@ pub fn attention<B: Backend>(
     score_bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
     crate::kernels::attention(q, k, v, score_bias)
-}
-
-/// [`attention`] composed of burn ops: what the other backends run, and the reference the
-/// fused kernel is tested against.
-pub fn attention_unfused<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    score_bias: Option<Tensor<B, 4>>,
-) -> Tensor<B, 4> {
-    attention_weights(q, k, score_bias).matmul(v)
-}
-
-/// The softmax weights of [`attention`], `[B, H, N, M]`: each query's distribution over keys.
-pub fn attention_weights<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    score_bias: Option<Tensor<B, 4>>,
-) -> Tensor<B, 4> {
-    let head_dim = q.dims()[3];
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((head_dim as f64).powf(-0.5));
-    let scores = match score_bias {
-        Some(bias) => scores + bias,
-        None => scores,
-    };
-    activation::softmax(scores, 3)
 }
 
 /// `[B, M]` boolean key mask (true = real token) → additive score bias `[B, 1, 1, M]`.

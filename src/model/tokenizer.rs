@@ -72,8 +72,13 @@ impl ClipTokenizer {
                 START_OF_TEXT => "<start>".to_string(),
                 END_OF_TEXT => "<end>".to_string(),
                 id => {
-                    let token = u16::try_from(id).ok().and_then(|id| Token::from_u16(id, &self.bpe));
-                    token.map_or_else(|| format!("#{id}"), |t| self.bpe.decode([t]).trim().to_string())
+                    let token = u16::try_from(id)
+                        .ok()
+                        .and_then(|id| Token::from_u16(id, &self.bpe));
+                    token.map_or_else(
+                        || format!("#{id}"),
+                        |t| self.bpe.decode([t]).trim().to_string(),
+                    )
                 }
             })
             .collect()

@@ -39,7 +39,11 @@ impl SafetensorsFile {
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.tensors().names().into_iter().map(str::to_string).collect()
+        self.tensors()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
     }
 
     /// A tensor as f32 `TensorData` (F16 and BF16 are widened).
@@ -107,7 +111,11 @@ pub fn load_module<B: Backend, M: Module<B>>(
             file: file.name.clone(),
             reason: format!(
                 "{count} tensors do not fit the model: {}",
-                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         }),
     }
@@ -127,7 +135,11 @@ impl ModulePath {
     }
 
     fn dotted(&self) -> String {
-        self.0.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(".")
+        self.0
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(".")
     }
 
     fn is_linear_weight(&self) -> bool {
@@ -160,7 +172,11 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
         let transpose = D == 2 && self.path.is_linear_weight();
         let expected: Vec<usize> = {
             let dims = current.dims().to_vec();
-            if transpose { vec![dims[1], dims[0]] } else { dims }
+            if transpose {
+                vec![dims[1], dims[0]]
+            } else {
+                dims
+            }
         };
         let loaded = self.file.tensor(&name).and_then(|data| {
             if data.shape.as_slice() != expected.as_slice() {
@@ -172,10 +188,18 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
                 });
             }
             let tensor = Tensor::<B, D>::from_data(data.convert::<f32>(), &current.device());
-            let tensor = if transpose { tensor.transpose() } else { tensor };
+            let tensor = if transpose {
+                tensor.transpose()
+            } else {
+                tensor
+            };
             // A tensor made from data is not tracked by autodiff: keep the parameter trainable
             // if it was, or a resumed run would silently stop updating it.
-            Ok(if current.is_require_grad() { tensor.require_grad() } else { tensor })
+            Ok(if current.is_require_grad() {
+                tensor.require_grad()
+            } else {
+                tensor
+            })
         });
         match loaded {
             Ok(tensor) => Param::from_mapped_value(id, tensor, mapper),

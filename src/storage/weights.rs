@@ -11,19 +11,17 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 use url::Url;
 
-use super::url::{block_on, object_store_for};
+use super::location::Location;
+use super::scheme::{scheme_of, unsupported_scheme, STORE_SCHEMES};
 use crate::error::{Error, Result};
 
 const HF_DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 const HF_DEFAULT_FILE: &str = "model.safetensors";
 const HF_DEFAULT_REVISION: &str = "main";
-const STORE_SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "memory"];
 const MAX_REDIRECTS: usize = 10;
 /// Object-store reads go in ranges of this size so that a broken transfer keeps what arrived.
 const STORE_CHUNK: u64 = 8 << 20;
@@ -45,8 +43,8 @@ pub fn cache_dir() -> PathBuf {
 /// - `hf://ORG/REPO[/FILE][@REVISION]` (FILE defaults to `model.safetensors`, REVISION to
 ///   `main`): downloaded from `$HF_ENDPOINT` (default `https://huggingface.co`) with
 ///   `$HF_TOKEN` as bearer token if set, into `cache_dir()/weights/hf/ORG/REPO/REVISION/FILE`;
-/// - `s3://`, `gs://`, `az://`, `azure://`, `memory://` URLs: fetched through
-///   [`object_store_for`] into `cache_dir()/weights/store/<sha256 of the URL>/<file name>`.
+/// - `s3://`, `gs://`, `az://`, `azure://`, `memory://` URLs: fetched through a
+///   [`Location`] into `cache_dir()/weights/store/<sha256 of the URL>/<file name>`.
 ///
 /// A cached file is reused without network access while its sha256 matches the one recorded
 /// next to it (`FILE.sha256`). The first rank to get here downloads; other processes sharing
@@ -61,14 +59,13 @@ pub fn resolve_weights(spec: &str) -> Result<PathBuf> {
     }
 }
 
-/// The URL scheme, if `spec` looks like a URL at all; anything else is taken as a local path
-/// (so `./odd://name` still names a file).
-fn scheme_of(spec: &str) -> Option<&str> {
-    let (scheme, _) = spec.split_once("://")?;
-    let mut chars = scheme.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    valid.then_some(scheme)
+/// Why [`resolve_weights`] cannot fetch `spec`, or `None` when it can try (a local path, or a
+/// URL of `hf://` or one of [`STORE_SCHEMES`]). Nothing is opened: this is the job check.
+pub fn weights_scheme_problem(spec: &str) -> Option<String> {
+    let accepted: Vec<&str> = std::iter::once("hf")
+        .chain(STORE_SCHEMES.iter().copied())
+        .collect();
+    unsupported_scheme(spec, &accepted)
 }
 
 fn file_url_path(spec: &str) -> Result<PathBuf> {
@@ -559,9 +556,9 @@ fn download_error(url: &str, reason: impl Into<String>) -> Error {
 // ---------------------------------------------------------------------------------------------
 
 fn fetch_from_store(url: &str) -> Result<PathBuf> {
-    let (store, path) = object_store_for(url)?;
-    let name = path
-        .filename()
+    let location = Location::parse(url)?;
+    let name = location
+        .name()
         .ok_or_else(|| Error::UnsupportedUrl(url.to_string()))?;
     // Hashing the URL keeps keys from different buckets and stores apart without having to
     // mirror every store's naming rules in the cache layout.
@@ -571,24 +568,13 @@ fn fetch_from_store(url: &str) -> Result<PathBuf> {
         .join("store")
         .join(key)
         .join(name);
-    fetch_cached(&dest, url, |part| {
-        store_download(store.as_ref(), &path, url, part)
-    })
+    fetch_cached(&dest, url, |part| store_download(&location, url, part))
 }
 
 /// Copies the object into `part` in ranges, resuming only if the object is still the version
 /// the partial came from (its etag is kept in `FILE.part.etag`).
-fn store_download(
-    store: &dyn ObjectStore,
-    path: &ObjectPath,
-    url: &str,
-    part: &Path,
-) -> Result<Option<String>> {
-    let store_error = |source| Error::ObjectStore {
-        url: url.to_string(),
-        source,
-    };
-    let meta = block_on(store.head(path)).map_err(store_error)?;
+fn store_download(location: &Location, url: &str, part: &Path) -> Result<Option<String>> {
+    let meta = location.head()?;
     let version_file = sidecar(part, "etag");
     let mut offset = file_len(part)?;
     let same_version = fs::read_to_string(&version_file).ok() == meta.e_tag;
@@ -611,14 +597,8 @@ fn store_download(
     let mut progress = Progress::new(url, offset, Some(meta.size));
     while offset < meta.size {
         let end = (offset + STORE_CHUNK).min(meta.size);
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(offset..end)),
-            // A mid-download overwrite must fail rather than splice two versions together.
-            if_match: meta.e_tag.clone(),
-            ..Default::default()
-        };
-        let bytes = block_on(async { store.get_opts(path, options).await?.bytes().await })
-            .map_err(store_error)?;
+        // A mid-download overwrite must fail rather than splice two versions together.
+        let bytes = location.get_range(offset..end, meta.e_tag.clone())?;
         if bytes.is_empty() {
             return Err(download_error(
                 url,

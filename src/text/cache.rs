@@ -3,6 +3,8 @@ use std::collections::HashMap;
 use burn::prelude::*;
 
 use super::TextEncoder;
+use crate::flow::CaptionContexts;
+use crate::model::ClipTextConfig;
 
 /// How many captions go through the encoder at once when filling the cache.
 const ENCODE_BATCH: usize = 64;
@@ -25,12 +27,15 @@ pub struct TextEmbeddingCache<B: Backend> {
 }
 
 impl<B: Backend> TextEmbeddingCache<B> {
-    /// The cache over the job's text encoder (`text_encoder.*`, seeded by `train.seed` when it
-    /// has no pretrained weights, so training and sampling get the same random encoder).
-    pub fn for_job(job: &crate::config::JobSpec, device: &B::Device) -> crate::Result<Self> {
-        let weights = job.text_encoder.weights.as_deref();
-        let encoder = TextEncoder::load(weights, &job.clip_config(), job.train.seed, device)?;
-        Ok(Self::new(encoder))
+    /// The cache over the encoder [`TextEncoder::load`] makes of `weights` and `config`;
+    /// without weights, `seed` draws it (the same seed gives the same encoder).
+    pub fn load(
+        weights: Option<&str>,
+        config: &ClipTextConfig,
+        seed: u64,
+        device: &B::Device,
+    ) -> crate::Result<Self> {
+        Ok(Self::new(TextEncoder::load(weights, config, seed, device)?))
     }
 
     pub fn new(encoder: TextEncoder<B>) -> Self {
@@ -98,10 +103,27 @@ impl<B: Backend> TextEmbeddingCache<B> {
             mask[i * longest..i * longest + entry.tokens].fill(1);
         }
         (
-            Tensor::from_data(TensorData::new(context, [captions.len(), longest, width]), device),
+            Tensor::from_data(
+                TensorData::new(context, [captions.len(), longest, width]),
+                device,
+            ),
             // Built from integers: not every backend (candle) creates bool tensors from data.
-            Tensor::<B2, 2, Int>::from_data(TensorData::new(mask, [captions.len(), longest]), device)
-                .equal_elem(1),
+            Tensor::<B2, 2, Int>::from_data(
+                TensorData::new(mask, [captions.len(), longest]),
+                device,
+            )
+            .equal_elem(1),
         )
+    }
+}
+
+/// The flow sampler asks for caption contexts through this, so `flow` needs no text encoder.
+impl<E: Backend> CaptionContexts for TextEmbeddingCache<E> {
+    fn contexts<B: Backend>(
+        &mut self,
+        captions: &[&str],
+        device: &B::Device,
+    ) -> (Tensor<B, 3>, Tensor<B, 2, Bool>) {
+        self.batch::<B>(captions, device)
     }
 }

@@ -15,7 +15,9 @@ pub fn load_clip_text<B: Backend>(
     config: &ClipTextConfig,
     device: &B::Device,
 ) -> Result<ClipTextModel<B>> {
-    let prefix = if file.contains(&format!("{CLIP_MODEL_PREFIX}embeddings.token_embedding.weight")) {
+    let prefix = if file.contains(&format!(
+        "{CLIP_MODEL_PREFIX}embeddings.token_embedding.weight"
+    )) {
         CLIP_MODEL_PREFIX
     } else {
         ""
@@ -37,7 +39,10 @@ fn backend_independent_random_init<B: Backend>(
     let host = crate::backend::seeded::<Host, _>(&host_device, seed, || {
         materialize(config.init::<Host>(&host_device))
     });
-    let file = SafetensorsFile::from_bytes(format!("random text encoder (seed {seed})"), module_to_safetensors(&host)?)?;
+    let file = SafetensorsFile::from_bytes(
+        format!("random text encoder (seed {seed})"),
+        module_to_safetensors(&host)?,
+    )?;
     crate::backend::unseeded(|| load_module(config.init::<B>(device), &file, ""))
 }
 
@@ -85,7 +90,10 @@ impl<B: Backend> TextEncoder<B> {
         if captions.is_empty() {
             return Vec::new();
         }
-        let tokens: Vec<_> = captions.iter().map(|c| self.tokenizer.tokenize(c)).collect();
+        let tokens: Vec<_> = captions
+            .iter()
+            .map(|c| self.tokenizer.tokenize(c))
+            .collect();
         // Causal attention: trimming the batch to its longest caption changes no real token.
         let longest = tokens.iter().map(|t| t.len).max().unwrap_or(2);
         let ids: Vec<i64> = tokens
@@ -93,10 +101,8 @@ impl<B: Backend> TextEncoder<B> {
             .flat_map(|t| t.ids[..longest].iter().map(|&id| id as i64))
             .collect();
         let device = self.model.final_layer_norm.weight.device();
-        let input = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(ids, [tokens.len(), longest]),
-            &device,
-        );
+        let input =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [tokens.len(), longest]), &device);
         let hidden = self.model.forward(input).last_hidden_state;
         let width = hidden.dims()[2];
         let values: Vec<f32> = hidden.into_data().convert::<f32>().into_vec().expect("f32");

@@ -53,7 +53,8 @@ pub fn scale_grads<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     impl<B: Backend> ModuleVisitor<B> for Scaler<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(grad) = self.grads.remove::<B, D>(param.id) {
-                self.grads.register::<B, D>(param.id, grad.mul_scalar(self.factor));
+                self.grads
+                    .register::<B, D>(param.id, grad.mul_scalar(self.factor));
             }
         }
     }
@@ -78,7 +79,10 @@ pub fn update_ema<B: Backend, M: Module<B>>(ema: M, weights: &M, decay: f64) -> 
     impl<B: Backend> ModuleMapper<B> for Blend<B> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, ema, mapper) = param.consume();
-            let weights = self.weights.remove(&id).expect("EMA and model have the same parameters");
+            let weights = self
+                .weights
+                .remove(&id)
+                .expect("EMA and model have the same parameters");
             let blended = ema.clone().mul_scalar(self.decay)
                 + weights.reshape(ema.shape()).mul_scalar(1.0 - self.decay);
             Param::from_mapped_value(id, blended, mapper)
@@ -87,5 +91,8 @@ pub fn update_ema<B: Backend, M: Module<B>>(ema: M, weights: &M, decay: f64) -> 
     let mut collect = Collect(Default::default());
     weights.visit(&mut collect);
     debug_assert_eq!(param_ids(weights).len(), collect.0.len());
-    ema.map(&mut Blend { weights: collect.0, decay })
+    ema.map(&mut Blend {
+        weights: collect.0,
+        decay,
+    })
 }

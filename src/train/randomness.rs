@@ -39,6 +39,24 @@ pub struct RandomnessPlan {
 }
 
 impl RandomnessPlan {
+    /// The job's plan for `world`'s rank with this batch split.
+    pub fn for_job(
+        job: &crate::config::JobSpec,
+        micro_batch: usize,
+        accumulation: usize,
+        world: &crate::dist::World,
+    ) -> Self {
+        Self {
+            seed: job.train.seed,
+            drop_prob: job.train.text_drop_prob,
+            sample_len: job.model.channels * job.model.image_size * job.model.image_size,
+            micro_batch,
+            accumulation,
+            rank: world.rank,
+            world_size: world.world_size,
+        }
+    }
+
     /// Global index of this rank's first sample in accumulation pass `pass`.
     fn first_index(&self, pass: usize) -> usize {
         pass * self.micro_batch * self.world_size + self.rank * self.micro_batch

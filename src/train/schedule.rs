@@ -22,6 +22,9 @@ mod tests {
         assert!((learning_rate(55, 1.0, 10, 100) - 0.5).abs() < 1e-12);
         assert!(learning_rate(100, 1.0, 10, 100).abs() < 1e-12);
         let rates: Vec<f64> = (10..100).map(|s| learning_rate(s, 1.0, 10, 100)).collect();
-        assert!(rates.windows(2).all(|w| w[1] <= w[0]), "monotone after warm-up");
+        assert!(
+            rates.windows(2).all(|w| w[1] <= w[0]),
+            "monotone after warm-up"
+        );
     }
 }

@@ -15,8 +15,17 @@ pub struct Canvas {
 
 impl Canvas {
     pub fn new(width: usize, height: usize, background: [u8; 3]) -> Self {
-        let pixels = background.iter().copied().cycle().take(width * height * 3).collect();
-        Self { width, height, pixels }
+        let pixels = background
+            .iter()
+            .copied()
+            .cycle()
+            .take(width * height * 3)
+            .collect();
+        Self {
+            width,
+            height,
+            pixels,
+        }
     }
 
     pub fn fill(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
@@ -31,7 +40,10 @@ impl Canvas {
     /// Text with its top-left corner at (x, y); characters the font lacks are drawn as '?'.
     pub fn text(&mut self, x: usize, y: usize, text: &str, scale: usize, colour: [u8; 3]) {
         for (i, c) in text.chars().enumerate() {
-            let glyph = BASIC_FONTS.get(c).or_else(|| BASIC_FONTS.get('?')).unwrap_or([0; 8]);
+            let glyph = BASIC_FONTS
+                .get(c)
+                .or_else(|| BASIC_FONTS.get('?'))
+                .unwrap_or([0; 8]);
             for (row, bits) in glyph.iter().enumerate() {
                 for column in 0..8 {
                     if bits >> column & 1 == 1 {
@@ -49,7 +61,14 @@ impl Canvas {
     }
 
     /// Text centred horizontally on `centre_x`.
-    pub fn text_centred(&mut self, centre_x: usize, y: usize, text: &str, scale: usize, colour: [u8; 3]) {
+    pub fn text_centred(
+        &mut self,
+        centre_x: usize,
+        y: usize,
+        text: &str,
+        scale: usize,
+        colour: [u8; 3],
+    ) {
         let x = centre_x.saturating_sub(Self::text_width(text, scale) / 2);
         self.text(x, y, text, scale, colour);
     }
@@ -75,7 +94,11 @@ pub fn viridis(t: f64) -> [u8; 3] {
         [122.0, 209.0, 81.0],
         [253.0, 231.0, 37.0],
     ];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let scaled = t * (STOPS.len() - 1) as f64;
     let i = (scaled.floor() as usize).min(STOPS.len() - 2);
     let f = scaled - i as f64;
@@ -91,12 +114,22 @@ pub fn shorten(text: &str, max_chars: usize) -> String {
     if text.chars().count() <= max_chars {
         text.to_string()
     } else {
-        format!("{}...", text.chars().take(max_chars.saturating_sub(3)).collect::<String>())
+        format!(
+            "{}...",
+            text.chars()
+                .take(max_chars.saturating_sub(3))
+                .collect::<String>()
+        )
     }
 }
 
 /// Black or white, whichever reads better on `background`.
 pub fn ink_for(background: [u8; 3]) -> [u8; 3] {
-    let luminance = 0.299 * background[0] as f64 + 0.587 * background[1] as f64 + 0.114 * background[2] as f64;
-    if luminance > 140.0 { BLACK } else { WHITE }
+    let luminance =
+        0.299 * background[0] as f64 + 0.587 * background[1] as f64 + 0.114 * background[2] as f64;
+    if luminance > 140.0 {
+        BLACK
+    } else {
+        WHITE
+    }
 }

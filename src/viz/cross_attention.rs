@@ -1,19 +1,13 @@
 //! Cross-attention maps: while an image is generated, where on it each text token is looked
 //! at. The weights are the sampler's own (conditional branch, averaged over heads, one block
 //! or the mean of all), one map per real token at the patch grid's resolution, drawn over the
-//! finished image.
+//! finished image. The report is filled by the caller (`probe` runs the sampler); this module
+//! only holds and draws it.
 
 use std::str::FromStr;
 
-use burn::prelude::*;
-
 use super::canvas::{shorten, viridis, Canvas, BLACK, WHITE};
 use super::sweep::{blit, upscale_factor};
-use crate::config::JobSpec;
-use crate::error::{Error, Result};
-use crate::model::TextConditionalDiT;
-use crate::sample::{generate_recording, CheckpointTask, GeneratedImage, SampleOptions};
-use crate::text::TextEmbeddingCache;
 
 const SCALE: usize = 2;
 const PAD: usize = 16;
@@ -87,99 +81,11 @@ pub struct CrossAttentionReport {
     pub cfg: f64,
     pub steps: usize,
     pub rows: Vec<StepMaps>,
+    /// The finished image, `image_size × image_size × channels`.
     #[serde(skip)]
-    pub image: GeneratedImage,
+    pub image: Vec<u8>,
     pub image_size: usize,
     pub channels: usize,
-}
-
-/// The integration steps nearest to `times` (step i runs at t = 1 − i/steps), in order of
-/// time from noise to image, each once.
-pub fn steps_for_times(times: &[f64], steps: usize) -> Vec<usize> {
-    let mut chosen: Vec<usize> = times
-        .iter()
-        .map(|&t| (((1.0 - t.clamp(0.0, 1.0)) * steps as f64).round() as usize).min(steps.saturating_sub(1)))
-        .collect();
-    chosen.sort_unstable();
-    chosen.dedup();
-    chosen
-}
-
-/// Samples one image for `prompt` (seeded as `options` says) and collects its cross-attention
-/// maps at the steps nearest to `times`.
-pub fn cross_attention_maps<B: Backend, E: Backend>(
-    model: &TextConditionalDiT<B>,
-    cache: &mut TextEmbeddingCache<E>,
-    prompt: &str,
-    options: &SampleOptions,
-    block: BlockChoice,
-    times: &[f64],
-) -> Result<CrossAttentionReport> {
-    let blocks = model.blocks.len();
-    if let BlockChoice::Block(i) = block {
-        if i >= blocks {
-            return Err(Error::Config(format!(
-                "--block {i}: this model has {blocks} blocks, numbered 0 to {}",
-                blocks - 1
-            )));
-        }
-    }
-    if times.is_empty() {
-        return Err(Error::Config("--times: give at least one time in [0, 1]".into()));
-    }
-    if let Some(t) = times.iter().find(|t| !(0.0..=1.0).contains(*t)) {
-        return Err(Error::Config(format!("--times: {t} is outside [0, 1] (1 = noise, 0 = image)")));
-    }
-    let options = SampleOptions { per_prompt: 1, ..options.clone() };
-    let record_steps = steps_for_times(times, options.steps);
-    let prompts = [prompt.to_string()];
-    let (mut images, recorded) = generate_recording(model, cache, &prompts, &options, &record_steps);
-    let tokens = cache.encoder().tokenizer.token_labels(prompt);
-    let grid = model.image_size / model.patch_size;
-    let rows = recorded
-        .into_iter()
-        .map(|at_step| {
-            let chosen: Vec<Tensor<B, 3>> = match block {
-                BlockChoice::All => at_step.per_block,
-                BlockChoice::Block(i) => vec![at_step.per_block[i].clone()],
-            };
-            let count = chosen.len() as f64;
-            let mean = chosen.into_iter().reduce(|a, b| a + b).expect("a model has blocks").div_scalar(count);
-            let [_, patches, m] = mean.dims();
-            debug_assert_eq!(m, tokens.len(), "one weight per real token");
-            let weights: Vec<f32> = mean.into_data().convert::<f32>().into_vec().expect("f32 weights");
-            let maps = (0..m).map(|j| (0..patches).map(|n| weights[n * m + j]).collect()).collect();
-            StepMaps { step: at_step.step, t: at_step.t, maps }
-        })
-        .collect();
-    Ok(CrossAttentionReport {
-        prompt: prompt.to_string(),
-        tokens,
-        grid,
-        block,
-        blocks,
-        cfg: options.cfg,
-        steps: options.steps,
-        rows,
-        image: images.remove(0),
-        image_size: model.image_size,
-        channels: model.channels,
-    })
-}
-
-/// [`cross_attention_maps`] as a [`CheckpointTask`].
-pub struct CrossAttentionTask<'a> {
-    pub prompt: &'a str,
-    pub options: &'a SampleOptions,
-    pub block: BlockChoice,
-    pub times: &'a [f64],
-}
-
-impl CheckpointTask for CrossAttentionTask<'_> {
-    type Output = CrossAttentionReport;
-    fn run<B: Backend>(self, _: &JobSpec, model: &TextConditionalDiT<B>, cache: &mut TextEmbeddingCache<B>) -> Result<Self::Output> {
-        cross_attention_maps(model, cache, self.prompt, self.options, self.block, self.times)
-    }
 }
 
 /// The report as a picture: a row per recorded step, the finished image first, then one heat
@@ -188,29 +94,73 @@ impl CheckpointTask for CrossAttentionTask<'_> {
 pub fn render_cross_attention(report: &CrossAttentionReport) -> Canvas {
     let layout = Layout::of(report);
     let mut canvas = Canvas::new(layout.width, layout.height, WHITE);
-    let title = format!("Cross-attention of \"{}\"", shorten(&report.prompt, 48));
-    canvas.text(PAD, PAD, &title, SCALE, BLACK);
+    canvas.text(PAD, PAD, &title(report), SCALE, BLACK);
     canvas.text(PAD, PAD + LINE + GAP, &layout.subtitle, SCALE, BLACK);
     let header_y = layout.top - LINE - GAP;
-    canvas.text_centred(layout.column_x(0) + layout.cell / 2, header_y, "image", SCALE, BLACK);
+    canvas.text_centred(
+        layout.column_x(0) + layout.cell / 2,
+        header_y,
+        "image",
+        SCALE,
+        BLACK,
+    );
     for (j, token) in report.tokens.iter().enumerate() {
         let label = shorten(token, TOKEN_CHARS);
-        canvas.text_centred(layout.column_x(j + 1) + layout.cell / 2, header_y, &label, SCALE, BLACK);
+        canvas.text_centred(
+            layout.column_x(j + 1) + layout.cell / 2,
+            header_y,
+            &label,
+            SCALE,
+            BLACK,
+        );
     }
     let factor = upscale_factor(report.image_size);
-    let grey = greyscale(&report.image.pixels, report.channels);
+    let grey = greyscale(&report.image, report.channels);
     for (i, row) in report.rows.iter().enumerate() {
         let y = layout.row_y(i);
-        canvas.text(PAD, y + (layout.cell - LINE) / 2, &format!("t={:.2}", row.t), SCALE, BLACK);
-        blit(&mut canvas, layout.column_x(0), y, &report.image.pixels, report.image_size, report.channels, factor);
+        canvas.text(
+            PAD,
+            y + (layout.cell - LINE) / 2,
+            &format!("t={:.2}", row.t),
+            SCALE,
+            BLACK,
+        );
+        blit(
+            &mut canvas,
+            layout.column_x(0),
+            y,
+            &report.image,
+            report.image_size,
+            report.channels,
+            factor,
+        );
         for (j, (map, share)) in row.maps.iter().zip(row.shares()).enumerate() {
             let x = layout.column_x(j + 1);
-            draw_heat_map(&mut canvas, x, y, map, report.grid, &grey, report.image_size, factor);
-            canvas.text_centred(x + layout.cell / 2, y + layout.cell + GAP / 2, &format!("{:.1}%", share * 100.0), SCALE, BLACK);
+            draw_heat_map(
+                &mut canvas,
+                x,
+                y,
+                map,
+                report.grid,
+                &grey,
+                report.image_size,
+                factor,
+            );
+            canvas.text_centred(
+                x + layout.cell / 2,
+                y + layout.cell + GAP / 2,
+                &format!("{:.1}%", share * 100.0),
+                SCALE,
+                BLACK,
+            );
         }
     }
     draw_colour_bar(&mut canvas, PAD, layout.height - PAD - LINE);
     canvas
+}
+
+fn title(report: &CrossAttentionReport) -> String {
+    format!("Cross-attention of \"{}\"", shorten(&report.prompt, 48))
 }
 
 /// (width, height) of [`render_cross_attention`]'s picture.
@@ -248,9 +198,17 @@ impl Layout {
         let grid_width = left + columns * (cell + GAP) - GAP + PAD;
         let width = grid_width
             .max(2 * PAD + Canvas::text_width(&subtitle, SCALE))
-            .max(2 * PAD + Canvas::text_width(&format!("Cross-attention of \"{}\"", shorten(&report.prompt, 48)), SCALE));
+            .max(2 * PAD + Canvas::text_width(&title(report), SCALE));
         let height = top + report.rows.len() * row_height + PAD + LINE + PAD;
-        Self { width, height, left, top, cell, row_height, subtitle }
+        Self {
+            width,
+            height,
+            left,
+            top,
+            cell,
+            row_height,
+            subtitle,
+        }
     }
 
     fn column_x(&self, column: usize) -> usize {
@@ -267,7 +225,9 @@ fn greyscale(pixels: &[u8], channels: usize) -> Vec<u8> {
     pixels
         .chunks(channels)
         .map(|p| match p {
-            [r, g, b, ..] => (0.299 * *r as f64 + 0.587 * *g as f64 + 0.114 * *b as f64).round() as u8,
+            [r, g, b, ..] => {
+                (0.299 * *r as f64 + 0.587 * *g as f64 + 0.114 * *b as f64).round() as u8
+            }
             [v, ..] => *v,
             [] => 0,
         })
@@ -277,16 +237,36 @@ fn greyscale(pixels: &[u8], channels: usize) -> Vec<u8> {
 /// A `grid × grid` map over the image, each patch a block of one colour (the map's true
 /// resolution), blended with the image in grey so that shapes stay visible under it.
 #[allow(clippy::too_many_arguments)]
-fn draw_heat_map(canvas: &mut Canvas, x: usize, y: usize, map: &[f32], grid: usize, grey: &[u8], size: usize, factor: usize) {
+fn draw_heat_map(
+    canvas: &mut Canvas,
+    x: usize,
+    y: usize,
+    map: &[f32],
+    grid: usize,
+    grey: &[u8],
+    size: usize,
+    factor: usize,
+) {
     let max = map.iter().copied().fold(0.0f32, f32::max);
     let patch = size / grid.max(1);
     for row in 0..size {
         for column in 0..size {
             let weight = map[(row / patch) * grid + column / patch];
-            let heat = viridis(if max > 0.0 { (weight / max) as f64 } else { 0.0 });
+            let heat = viridis(if max > 0.0 {
+                (weight / max) as f64
+            } else {
+                0.0
+            });
             let base = grey[row * size + column] as f64;
-            let colour = heat.map(|h| (HEAT_OPACITY * h as f64 + (1.0 - HEAT_OPACITY) * base).round() as u8);
-            canvas.fill(x + column * factor, y + row * factor, factor, factor, colour);
+            let colour =
+                heat.map(|h| (HEAT_OPACITY * h as f64 + (1.0 - HEAT_OPACITY) * base).round() as u8);
+            canvas.fill(
+                x + column * factor,
+                y + row * factor,
+                factor,
+                factor,
+                colour,
+            );
         }
     }
 }
@@ -299,5 +279,11 @@ fn draw_colour_bar(canvas: &mut Canvas, x: usize, y: usize) {
     for i in 0..BAR {
         canvas.fill(bar_x + i, y, 1, LINE, viridis(i as f64 / (BAR - 1) as f64));
     }
-    canvas.text(bar_x + BAR + SCALE * 4, y, "the map's maximum", SCALE, BLACK);
+    canvas.text(
+        bar_x + BAR + SCALE * 4,
+        y,
+        "the map's maximum",
+        SCALE,
+        BLACK,
+    );
 }

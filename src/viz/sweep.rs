@@ -2,8 +2,8 @@
 //! guidance scale (written above it), every image upscaled so the labels do not dwarf it.
 
 use super::canvas::{shorten, Canvas, BLACK, WHITE};
-use crate::sample::GeneratedImage;
 
+const TITLE: &str = "Classifier-free guidance sweep (same seed in every column)";
 const SCALE: usize = 2;
 const PAD: usize = 16;
 const GAP: usize = 8;
@@ -14,28 +14,49 @@ pub fn upscale_factor(image_size: usize) -> usize {
     128usize.div_ceil(image_size.max(1)).max(1)
 }
 
-/// `columns[scale][prompt]`, as [`crate::sample::cfg_sweep`] returns them.
-pub fn render_sweep(
+/// `columns[scale][prompt]`, each image's pixels `image_size × image_size × channels`, as
+/// the sampler's `cfg_sweep` returns them.
+pub fn render_sweep<P: AsRef<[u8]>>(
     prompts: &[String],
     scales: &[f64],
-    columns: &[Vec<GeneratedImage>],
+    columns: &[Vec<P>],
     image_size: usize,
     channels: usize,
 ) -> Canvas {
     let (width, height, left, top) = sweep_layout(prompts, scales.len(), image_size);
     let cell = image_size * upscale_factor(image_size);
     let mut canvas = Canvas::new(width, height, WHITE);
-    canvas.text(PAD, PAD, "Classifier-free guidance sweep (same seed in every column)", SCALE, BLACK);
+    canvas.text(PAD, PAD, TITLE, SCALE, BLACK);
     for (j, scale) in scales.iter().enumerate() {
         let centre = left + j * (cell + GAP) + cell / 2;
-        canvas.text_centred(centre, top - 8 * SCALE - GAP, &format!("cfg {scale}"), SCALE, BLACK);
+        canvas.text_centred(
+            centre,
+            top - 8 * SCALE - GAP,
+            &format!("cfg {scale}"),
+            SCALE,
+            BLACK,
+        );
     }
     for (i, prompt) in prompts.iter().enumerate() {
         let y = top + i * (cell + GAP);
-        canvas.text(PAD, y + (cell - 8 * SCALE) / 2, &shorten(prompt, LABEL_CHARS), SCALE, BLACK);
+        canvas.text(
+            PAD,
+            y + (cell - 8 * SCALE) / 2,
+            &shorten(prompt, LABEL_CHARS),
+            SCALE,
+            BLACK,
+        );
         for (j, column) in columns.iter().enumerate() {
             if let Some(image) = column.get(i) {
-                blit(&mut canvas, left + j * (cell + GAP), y, &image.pixels, image_size, channels, upscale_factor(image_size));
+                blit(
+                    &mut canvas,
+                    left + j * (cell + GAP),
+                    y,
+                    image.as_ref(),
+                    image_size,
+                    channels,
+                    upscale_factor(image_size),
+                );
             }
         }
     }
@@ -49,12 +70,20 @@ pub fn sweep_canvas_size(prompts: &[String], scales: usize, image_size: usize) -
 }
 
 /// (width, height, left edge of the images, top edge of the images).
-fn sweep_layout(prompts: &[String], scales: usize, image_size: usize) -> (usize, usize, usize, usize) {
+fn sweep_layout(
+    prompts: &[String],
+    scales: usize,
+    image_size: usize,
+) -> (usize, usize, usize, usize) {
     let cell = image_size * upscale_factor(image_size);
-    let label_width = prompts.iter().map(|p| Canvas::text_width(&shorten(p, LABEL_CHARS), SCALE)).max().unwrap_or(0);
+    let label_width = prompts
+        .iter()
+        .map(|p| Canvas::text_width(&shorten(p, LABEL_CHARS), SCALE))
+        .max()
+        .unwrap_or(0);
     let left = PAD + label_width + PAD;
     let top = PAD + 8 * SCALE + PAD + 8 * SCALE + GAP;
-    let title_width = 2 * PAD + Canvas::text_width("Classifier-free guidance sweep (same seed in every column)", SCALE);
+    let title_width = 2 * PAD + Canvas::text_width(TITLE, SCALE);
     let width = (left + scales * (cell + GAP) - GAP + PAD).max(title_width);
     let height = top + prompts.len() * (cell + GAP) - GAP + PAD;
     (width, height, left, top)
@@ -62,7 +91,15 @@ fn sweep_layout(prompts: &[String], scales: usize, image_size: usize) -> (usize,
 
 /// Copies an `size × size × channels` image (grayscale or RGB) at (x, y), each pixel as a
 /// `factor × factor` block.
-pub(crate) fn blit(canvas: &mut Canvas, x: usize, y: usize, pixels: &[u8], size: usize, channels: usize, factor: usize) {
+pub(crate) fn blit(
+    canvas: &mut Canvas,
+    x: usize,
+    y: usize,
+    pixels: &[u8],
+    size: usize,
+    channels: usize,
+    factor: usize,
+) {
     for row in 0..size {
         for column in 0..size {
             let at = (row * size + column) * channels;
@@ -71,7 +108,13 @@ pub(crate) fn blit(canvas: &mut Canvas, x: usize, y: usize, pixels: &[u8], size:
             } else {
                 [pixels[at]; 3]
             };
-            canvas.fill(x + column * factor, y + row * factor, factor, factor, colour);
+            canvas.fill(
+                x + column * factor,
+                y + row * factor,
+                factor,
+                factor,
+                colour,
+            );
         }
     }
 }
