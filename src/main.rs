@@ -305,12 +305,20 @@ fn train_rank(
         Duration::from_secs_f64(job.dist.timeout_secs),
         gpu_ordinal,
     )?;
+    // After connecting: MPI's start-up must not replace these handlers.
+    ditrun::dist::signals::install(Duration::from_secs_f64(job.train.stop_grace_secs));
     let _rank_span = world
         .is_distributed()
         .then(|| tracing::info_span!("rank", rank = world.rank).entered());
     match ditrun::train::train_ranked(&job, resume, stop_after, &world, collective.as_ref()) {
         Ok(outcome) => {
             println!("{}", serde_json::to_string(&outcome)?);
+            if outcome.exit_code != 0 {
+                // Stopped by a signal with its checkpoint written: exit as the signal would
+                // have ended us (143 for SIGTERM), after MPI is shut down cleanly.
+                drop(collective);
+                std::process::exit(outcome.exit_code);
+            }
             Ok(())
         }
         Err(error) if world.is_distributed() => {

@@ -108,6 +108,9 @@ pub struct TrainSpec {
     pub precision: Precision,
     /// CPU threads; unset = all cores.
     pub threads: Option<usize>,
+    /// After SIGTERM/SIGINT/SIGHUP the run finishes its step and writes a final checkpoint;
+    /// past this many seconds it exits anyway (below Kubernetes' default 30 s grace period).
+    pub stop_grace_secs: f64,
 }
 
 /// How ranks work together (used when the job runs on several ranks).
@@ -250,6 +253,7 @@ impl Default for TrainSpec {
             backend: BackendChoice::Auto,
             precision: Precision::F32,
             threads: None,
+            stop_grace_secs: 25.0,
         }
     }
 }
@@ -474,7 +478,7 @@ impl JobSpec {
     fn train_problem(&self) -> Option<(&'static str, String)> {
         let t = &self.train;
         let unit = |x: f64| (0.0..1.0).contains(&x);
-        let checks: [(bool, &'static str, String); 12] = [
+        let checks: [(bool, &'static str, String); 13] = [
             (t.steps == 0, "train.steps", "must be > 0".into()),
             (t.batch_size == 0, "train.batch_size", "must be > 0".into()),
             (
@@ -531,6 +535,11 @@ impl JobSpec {
                 t.threads == Some(0),
                 "train.threads",
                 "must be > 0 (or unset for all cores)".into(),
+            ),
+            (
+                !(t.stop_grace_secs.is_finite() && t.stop_grace_secs > 0.0),
+                "train.stop_grace_secs",
+                format!("must be > 0, got {}", t.stop_grace_secs),
             ),
         ];
         first_failed(checks)

@@ -1,6 +1,7 @@
 //! Ranks working together: who this process is ([`World`]), the collectives between ranks
 //! ([`Collective`]: MPI on CPUs, NCCL on GPUs), averaging gradients in DDP-style buckets, and
-//! `ditrun launch` (one rank per GPU, supervision, restarts).
+//! `ditrun launch` (one rank per GPU, supervision, restarts), and the signals that ask a job to
+//! stop.
 
 pub mod collective;
 pub mod gradients;
@@ -9,6 +10,7 @@ pub mod launch;
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod signals;
 pub mod world;
 
 use std::time::Duration;

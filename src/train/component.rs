@@ -10,6 +10,7 @@
 use burn::tensor::backend::AutodiffBackend;
 
 use super::trainer::Trainer;
+use crate::dist::signals::StopSignal;
 use crate::error::Result;
 use crate::metrics::{EventWriter, StepStats};
 
@@ -18,8 +19,11 @@ pub struct AfterStep<'t, 'a, AB: AutodiffBackend> {
     pub stats: &'t StepStats,
     /// The job's last step (`train.steps`) was just taken.
     pub end_of_run: bool,
-    /// The run stops after this step as asked (`train_until`), to be resumed later.
+    /// The run stops after this step, to be resumed later: a stop asked for (`train_until`,
+    /// `--stop-after`), or a signal every rank agreed on (a component may set it).
     pub stopping: bool,
+    /// The signal the run stops for, when it does.
+    pub stop_signal: Option<StopSignal>,
     pub trainer: &'t mut Trainer<'a, AB>,
     /// The run's TensorBoard writer (rank 0, when `logging.dir` is set).
     pub events: Option<&'t mut EventWriter>,

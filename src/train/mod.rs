@@ -12,6 +12,7 @@ mod checkpointer;
 mod component;
 mod logger;
 mod params;
+mod preemption;
 mod randomness;
 mod sampler;
 mod schedule;
@@ -33,11 +34,13 @@ pub use setup::Resume;
 pub use trainer::{Stepped, Trainer};
 
 use crate::config::JobSpec;
+use crate::dist::signals::StopSignal;
 use crate::dist::{ensure_same_on_all_ranks, parameter_digest, Collective, SingleProcess, World};
 use crate::error::{Error, Result};
 use crate::kernels::autocast::Precision;
 use checkpointer::Checkpointer;
 use logger::{open_events, Logger};
+use preemption::Preemption;
 use sampler::SampleGrids;
 
 /// What a finished run reports (each rank prints its own).
@@ -56,6 +59,10 @@ pub struct TrainOutcome {
     pub accumulation_steps: usize,
     /// sha256 of the final parameters' bits: equal on every rank of a run.
     pub params_sha256: String,
+    /// The signal the run stopped for (SIGTERM, SIGINT, SIGHUP), after a final checkpoint.
+    pub stopped_by: Option<String>,
+    /// What the process should exit with: 0, or 128 + the signal's number.
+    pub exit_code: i32,
 }
 
 pub fn train(job: &JobSpec, resume: &Resume) -> Result<TrainOutcome> {
@@ -129,7 +136,7 @@ fn run<AB: AutodiffBackend>(
     // those that received rank 0's checkpoint instead of reading one).
     let resumed_from = (trainer.start_step > 0).then_some(trainer.start_step);
     let mut events = None;
-    let mut components: Vec<Box<dyn Component<AB>>> = Vec::new();
+    let mut components: Vec<Box<dyn Component<AB>>> = vec![Box::new(Preemption)];
     if world.is_primary() {
         if let Some(step) = resumed_from {
             tracing::info!(
@@ -159,8 +166,8 @@ fn run<AB: AutodiffBackend>(
     for component in &mut components {
         component.finish(&mut summary)?;
     }
-    let (steps_done, final_loss) = match stepped? {
-        Ran::To { step, loss } => (step, loss),
+    let (steps_done, final_loss, stop_signal) = match stepped? {
+        Ran::To { step, loss, signal } => (step, loss, signal),
         Ran::NonFinite { step, loss } => {
             return Err(Error::Training(format!(
                 "the loss became {loss} at step {step}; stopping. The last good checkpoint ({}) stays the latest",
@@ -189,14 +196,23 @@ fn run<AB: AutodiffBackend>(
         micro_batch_size: trainer.micro_batch,
         accumulation_steps: trainer.accumulation,
         params_sha256,
+        stopped_by: stop_signal.map(|signal| signal.name().to_string()),
+        exit_code: stop_signal.map_or(0, |signal| signal.exit_code()),
     })
 }
 
 /// How the steps ended: at a step (the last, or the one a stop was asked after), or at a
 /// non-finite loss.
 enum Ran {
-    To { step: u64, loss: f64 },
-    NonFinite { step: u64, loss: f64 },
+    To {
+        step: u64,
+        loss: f64,
+        signal: Option<StopSignal>,
+    },
+    NonFinite {
+        step: u64,
+        loss: f64,
+    },
 }
 
 /// The training loop.
@@ -210,27 +226,30 @@ fn drive<AB: AutodiffBackend>(
     let mut ran = Ran::To {
         step: trainer.start_step,
         loss: f64::NAN,
+        signal: None,
     };
     for step in trainer.start_step..total {
         let stats = match trainer.step(step)? {
             Stepped::Done(stats) => stats,
             Stepped::NonFinite { step, loss } => return Ok(Ran::NonFinite { step, loss }),
         };
-        ran = Ran::To {
-            step: stats.step,
-            loss: stats.loss,
-        };
-        let stopping = stop_after == Some(stats.step);
         let mut at = AfterStep {
             stats: &stats,
             end_of_run: stats.step == total,
-            stopping,
+            stopping: stop_after == Some(stats.step),
+            stop_signal: None,
             trainer: &mut *trainer,
             events: events.as_deref_mut(),
         };
         for component in components.iter_mut() {
             component.after_step(&mut at)?;
         }
+        let (stopping, signal) = (at.stopping, at.stop_signal);
+        ran = Ran::To {
+            step: stats.step,
+            loss: stats.loss,
+            signal,
+        };
         if stopping {
             if trainer.world.is_primary() {
                 tracing::info!(step = stats.step, "stopping early as asked");

@@ -51,7 +51,10 @@ struct Grid {
 impl<AB: AutodiffBackend> Component<AB> for SampleGrids {
     fn after_step(&mut self, at: &mut AfterStep<'_, '_, AB>) -> Result<()> {
         let step = at.stats.step;
-        if !due(step, self.spec.every_steps, self.spec.at_end, at.end_of_run) {
+        // A run stopped by a signal has a grace period to save in: no grids then.
+        if !due(step, self.spec.every_steps, self.spec.at_end, at.end_of_run)
+            || at.stop_signal.is_some()
+        {
             return Ok(());
         }
         let options = self.options();
