@@ -1,7 +1,7 @@
-//! Stopping on a signal, with real processes and real signals: SIGTERM to `ditrun train`, and
-//! to one rank of a 2-rank `mpirun` job, ends the job after an agreed step with a committed
-//! checkpoint of it and exit code 143; `--resume auto` then ends bit-identical to an
-//! uninterrupted run.
+//! Faults with real processes and real signals: SIGTERM to `ditrun train`, and to one rank of
+//! a 2-rank `mpirun` job, ends the job after an agreed step with a committed checkpoint of it
+//! and exit code 143, and `--resume auto` then ends bit-identical to an uninterrupted run; a
+//! rank throttled with SIGSTOP/SIGCONT is named as the slowest in rank 0's log.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -286,5 +286,46 @@ fn sigterm_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint() {
     assert_eq!(
         resumed[0]["params_sha256"],
         uninterrupted[0]["params_sha256"]
+    );
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: sends a signal to a rank this test started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, signal) }, 0);
+}
+
+#[test]
+fn a_throttled_rank_is_named_as_the_slowest_in_rank_0s_log() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), 1);
+    let mut command = Command::new("mpirun");
+    command.args(["-np", "2", "--oversubscribe", "--bind-to", "none"]);
+    mpi_env(&mut command);
+    command.args([ditrun(), "train", "--job", &job.display().to_string()]);
+    // Rank 1 runs a quarter of the time for two seconds, as a rank on a throttled or shared
+    // machine does: most of its pauses land in its own computation, which the others wait for.
+    let (output, _) = signal_after_step(command, 20, |_| {
+        let rank_1 = rank_pid(&job, 1);
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            signal(rank_1, libc::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(30));
+            signal(rank_1, libc::SIGCONT);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    // "rank 1 is the slowest: busy 0.123 s over the last 1 steps, 8.20× the median ..."
+    let ratios: Vec<f64> = stderr
+        .lines()
+        .filter_map(|line| line.split("rank 1 is the slowest: busy ").nth(1))
+        .filter_map(|rest| rest.split(", ").nth(1)?.split('×').next()?.parse().ok())
+        .collect();
+    let far_behind = ratios.iter().filter(|&&ratio| ratio >= 3.0).count();
+    assert!(
+        far_behind >= 3,
+        "rank 1 should be named at ≥ 3× the median in several reports: {ratios:?}\n{stderr}"
     );
 }

@@ -14,6 +14,7 @@ mod logger;
 mod params;
 mod preemption;
 mod randomness;
+mod rank_times;
 mod sampler;
 mod schedule;
 mod setup;
@@ -41,6 +42,7 @@ use crate::kernels::autocast::Precision;
 use checkpointer::Checkpointer;
 use logger::{open_events, Logger};
 use preemption::Preemption;
+use rank_times::RankTimes;
 use sampler::SampleGrids;
 
 /// What a finished run reports (each rank prints its own).
@@ -137,6 +139,8 @@ fn run<AB: AutodiffBackend>(
     let resumed_from = (trainer.start_step > 0).then_some(trainer.start_step);
     let mut events = None;
     let mut components: Vec<Box<dyn Component<AB>>> = vec![Box::new(Preemption)];
+    let rank_times = RankTimes::new(job.logging.every_steps, world.world_size);
+    components.extend(rank_times.map(|c| Box::new(c) as Box<dyn Component<AB>>));
     if world.is_primary() {
         if let Some(step) = resumed_from {
             tracing::info!(
