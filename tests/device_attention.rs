@@ -4,44 +4,16 @@
 //! gradients of q, k and v, with and without a key padding bias, for every combination of
 //! tracked inputs that matters, in f32 and (on Flex, which has bf16) with bf16 products.
 
+mod common;
+
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution, FloatDType, TensorPrimitive};
+use common::{assert_close, values};
 
 use ditrun::kernels;
 use ditrun::model::layers::{attention_unfused, key_padding_bias};
-
-fn values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
-    tensor.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-/// Largest |a − b| / (1 + |b|): relative for large values, absolute near zero.
-fn assert_close<B: Backend, const D: usize>(
-    what: &str,
-    actual: Tensor<B, D>,
-    expected: Tensor<B, D>,
-    tolerance: f32,
-) {
-    assert_eq!(actual.dims(), expected.dims(), "{what}: shapes");
-    let (a, e) = (values(actual), values(expected));
-    assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite values");
-    let (worst, at) = a
-        .iter()
-        .zip(&e)
-        .map(|(a, e)| (a - e).abs() / (1.0 + e.abs()))
-        .enumerate()
-        .fold(
-            (0.0f32, 0),
-            |best, (i, d)| if d > best.0 { (d, i) } else { best },
-        );
-    assert!(
-        worst <= tolerance,
-        "{what}: {worst:e} at {at} ({} vs {})",
-        a[at],
-        e[at]
-    );
-}
 
 /// Largest |a − b| over the largest |b|: the error of a low-precision result on the scale of
 /// the whole tensor (bf16's error is relative to the terms summed, not to each result).

@@ -9,6 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{mpi_env, mpirun, outcomes};
 use ditrun::checkpoint::CheckpointStore;
 use ditrun::train::MODEL_FILE;
 use safetensors::SafeTensors;
@@ -49,28 +52,6 @@ dist: {{ timeout_secs: 60 }}
     std::fs::create_dir_all(root).unwrap();
     std::fs::write(&path, yaml).unwrap();
     path
-}
-
-fn mpi_env(command: &mut Command) -> &mut Command {
-    // CI and containers run as root, which OpenMPI refuses unless told.
-    command
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("RUST_LOG", "info")
-}
-
-fn mpirun(ranks: usize) -> Command {
-    let mut command = Command::new("mpirun");
-    command.args([
-        "-np",
-        &ranks.to_string(),
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-    ]);
-    mpi_env(&mut command);
-    command
 }
 
 /// Waits for `child` at most `limit`, then kills it: a hung job fails the test, not CI.
@@ -127,17 +108,6 @@ fn run_ok(command: Command) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
-}
-
-/// Each rank prints its outcome as one JSON line; they come back ordered by rank.
-fn outcomes(output: &Output) -> Vec<serde_json::Value> {
-    let mut all: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| serde_json::from_str(line).expect("an outcome line is JSON"))
-        .collect();
-    all.sort_by_key(|o| o["rank"].as_u64());
-    all
 }
 
 fn train_args(job: &Path) -> Vec<String> {

@@ -2,46 +2,18 @@
 //! every gradient, on NdArray and Flex, with odd sizes, strided inputs, fully masked rows and
 //! inputs of which only some need a gradient.
 
+mod common;
+
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
+use common::{assert_close, values};
 
 use ditrun::kernels;
 use ditrun::model::layers::{
     attention_unfused, merge_heads, normalize_last, split_heads, MASKED_SCORE,
 };
-
-fn values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
-    tensor.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-/// Largest |a − b| / (1 + |b|): relative for large values, absolute near zero.
-fn assert_close<B: Backend, const D: usize>(
-    what: &str,
-    actual: Tensor<B, D>,
-    expected: Tensor<B, D>,
-    tolerance: f32,
-) {
-    assert_eq!(actual.dims(), expected.dims(), "{what}: shapes");
-    let (a, e) = (values(actual), values(expected));
-    let (worst, at) = a
-        .iter()
-        .zip(&e)
-        .map(|(a, e)| (a - e).abs() / (1.0 + e.abs()))
-        .enumerate()
-        .fold(
-            (0.0f32, 0),
-            |best, (i, d)| if d > best.0 { (d, i) } else { best },
-        );
-    assert!(
-        worst <= tolerance,
-        "{what}: {worst:e} at {at} ({} vs {})",
-        a[at],
-        e[at]
-    );
-    assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite values");
-}
 
 fn random<B: Backend, const D: usize>(shape: [usize; D], std: f64) -> Tensor<B, D> {
     Tensor::random(shape, Distribution::Normal(0.0, std), &Default::default())

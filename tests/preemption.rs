@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{mpirun, outcomes};
 use ditrun::checkpoint::CheckpointStore;
 
 const STEPS: u64 = 600;
@@ -52,14 +55,6 @@ dist: {{ timeout_secs: 60 }}
     path
 }
 
-fn mpi_env(command: &mut Command) -> &mut Command {
-    command
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("RUST_LOG", "info")
-}
-
 fn train_command(job: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(ditrun());
     command
@@ -67,16 +62,6 @@ fn train_command(job: &Path, extra: &[&str]) -> Command {
         .args(extra);
     command.env("RUST_LOG", "info");
     command
-}
-
-fn outcomes(output: &Output) -> Vec<serde_json::Value> {
-    let mut all: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| serde_json::from_str(line).expect("an outcome line is JSON"))
-        .collect();
-    all.sort_by_key(|o| o["rank"].as_u64());
-    all
 }
 
 fn run_to_end(mut command: Command) -> Vec<serde_json::Value> {
@@ -230,10 +215,7 @@ fn rank_pid(job: &Path, rank: usize) -> u32 {
 fn sigterm_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint() {
     let _one = serial();
     let straight = tempfile::tempdir().unwrap();
-    let mut mpirun = Command::new("mpirun");
-    mpirun.args(["-np", "2", "--oversubscribe", "--bind-to", "none"]);
-    mpi_env(&mut mpirun);
-    let mut command = mpirun;
+    let mut command = mpirun(2);
     command.args([
         ditrun(),
         "train",
@@ -244,9 +226,7 @@ fn sigterm_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint() {
 
     let stopped = tempfile::tempdir().unwrap();
     let job = write_job(stopped.path(), 1);
-    let mut command = Command::new("mpirun");
-    command.args(["-np", "2", "--oversubscribe", "--bind-to", "none"]);
-    mpi_env(&mut command);
+    let mut command = mpirun(2);
     command.args([ditrun(), "train", "--job", &job.display().to_string()]);
     let (output, _) = signal_after_step(command, 20, |_| sigterm(rank_pid(&job, 1)));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -270,9 +250,7 @@ fn sigterm_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint() {
     let step = reports[0]["steps_done"].as_u64().unwrap();
     assert_eq!(latest_step(stopped.path()), Some(step));
 
-    let mut command = Command::new("mpirun");
-    command.args(["-np", "2", "--oversubscribe", "--bind-to", "none"]);
-    mpi_env(&mut command);
+    let mut command = mpirun(2);
     command.args([
         ditrun(),
         "train",
@@ -299,9 +277,7 @@ fn a_throttled_rank_is_named_as_the_slowest_in_rank_0s_log() {
     let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), 1);
-    let mut command = Command::new("mpirun");
-    command.args(["-np", "2", "--oversubscribe", "--bind-to", "none"]);
-    mpi_env(&mut command);
+    let mut command = mpirun(2);
     command.args([ditrun(), "train", "--job", &job.display().to_string()]);
     // Rank 1 runs a quarter of the time for two seconds, as a rank on a throttled or shared
     // machine does: most of its pauses land in its own computation, which the others wait for.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Command, Output};
 
 use burn::prelude::*;
 use ditrun::model::weights::SafetensorsFile;
@@ -97,4 +98,66 @@ pub fn process_cpu_seconds() -> Option<f64> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
+}
+
+/// The environment every test's `mpirun` runs with.
+pub fn mpi_env(command: &mut Command) -> &mut Command {
+    // CI and containers run as root, which OpenMPI refuses unless told.
+    command
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("RUST_LOG", "info")
+}
+
+/// `mpirun -np ranks`, oversubscribed and unbound (the tests share two cores).
+pub fn mpirun(ranks: usize) -> Command {
+    let mut command = Command::new("mpirun");
+    command.args([
+        "-np",
+        &ranks.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ]);
+    mpi_env(&mut command);
+    command
+}
+
+/// Each rank prints its outcome as one JSON line; they come back ordered by rank.
+pub fn outcomes(output: &Output) -> Vec<serde_json::Value> {
+    let mut all: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).expect("an outcome line is JSON"))
+        .collect();
+    all.sort_by_key(|o| o["rank"].as_u64());
+    all
+}
+
+/// Largest |a − b| / (1 + |b|): relative for large values, absolute near zero.
+pub fn assert_close<B: Backend, const D: usize>(
+    what: &str,
+    actual: Tensor<B, D>,
+    expected: Tensor<B, D>,
+    tolerance: f32,
+) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shapes");
+    let (a, e) = (values(actual), values(expected));
+    assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite values");
+    let (worst, at) = a
+        .iter()
+        .zip(&e)
+        .map(|(a, e)| (a - e).abs() / (1.0 + e.abs()))
+        .enumerate()
+        .fold(
+            (0.0f32, 0),
+            |best, (i, d)| if d > best.0 { (d, i) } else { best },
+        );
+    assert!(
+        worst <= tolerance,
+        "{what}: {worst:e} at {at} ({} vs {})",
+        a[at],
+        e[at]
+    );
 }
