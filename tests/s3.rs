@@ -525,6 +525,9 @@ fn a_server_stopped_mid_upload_leaves_no_half_checkpoint_and_training_goes_on() 
         );
         std::thread::sleep(Duration::from_millis(2));
     }
+    // The object is visible a moment before its PUT's response reaches the client: let that
+    // response land, so the pause catches the large file (seconds of upload), not this one.
+    std::thread::sleep(Duration::from_millis(200));
     server.pause();
     let failed_at = Instant::now();
     let message = saving
