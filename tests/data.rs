@@ -16,7 +16,7 @@ use std::thread;
 use common::{idx_images, idx_labels};
 use ditrun::data::cifar10::{self, ArchiveSpec, CIFAR10_CLASSES};
 use ditrun::data::fashion_mnist::{self, FASHION_MNIST_CLASSES};
-use ditrun::data::shards::{sample_key, storage_url};
+use ditrun::data::shards::sample_key;
 use ditrun::data::synthetic::{
     colour_and_shape, BACKGROUND_MAX, COLOURS, COLOUR_JITTER, GRAY_JITTER, SHAPES,
 };
@@ -24,6 +24,7 @@ use ditrun::data::{
     prepare, prepare_with, read_index, read_shard, synthetic, synthetic_captions, DatasetKind,
     PrepareOptions, Sample, ShardIndex, ShardWriter, Split,
 };
+use ditrun::storage::location_url;
 use md5::{Digest, Md5};
 use sha2::Sha256;
 
@@ -180,7 +181,7 @@ fn shards_round_trip_through_memory_and_a_plain_path() {
         (index.clone(), samples.clone())
     );
     // The plain path and its file:// URL name the same dataset.
-    let url = storage_url(nested.to_str().unwrap()).unwrap();
+    let url = location_url(nested.to_str().unwrap()).unwrap();
     assert!(url.starts_with("file:///"), "{url}");
     assert_eq!(read_all(&url), (index, samples));
 }

@@ -28,14 +28,10 @@ fn assert_close_to_scale<B: Backend, const D: usize>(
     assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite values");
     let scale = e.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     assert!(scale > 0.0, "{what}: an all-zero reference checks nothing");
-    let worst = a
-        .iter()
-        .zip(&e)
-        .map(|(a, e)| (a - e).abs())
-        .fold(0.0f32, f32::max);
+    let error = common::relative_error(&a, &e);
     assert!(
-        worst <= tolerance * scale,
-        "{what}: {worst:e} against a scale of {scale:e}"
+        error <= tolerance as f64,
+        "{what}: {error:e} of a scale of {scale:e}"
     );
 }
 

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::cifar10::{self, ArchiveSpec};
 use super::fashion_mnist;
-use super::shards::{storage_url, Sample, ShardIndex, ShardWriter};
+use super::shards::{Sample, ShardIndex, ShardWriter};
 use super::split::Split;
 use super::synthetic::synthetic;
 use crate::error::{Error, Result};
@@ -119,7 +119,7 @@ pub fn prepare(
 /// [`prepare`] with every option.
 pub fn prepare_with(options: &PrepareOptions) -> Result<ShardIndex> {
     check_options(options)?;
-    let out = storage_url(&options.out)?;
+    let out = crate::storage::location_url(&options.out)?;
     let dataset = format!("{}/{}", options.kind, options.split);
     let (samples, image_size, channels) = open_dataset(options)?;
     info!(

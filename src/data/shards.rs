@@ -63,10 +63,6 @@ pub fn sample_key(number: usize) -> String {
     format!("{number:08}")
 }
 
-/// The canonical URL of a shard prefix given as a path or URL (kept for callers holding strings;
-/// [`Location`] is the vocabulary).
-pub use crate::storage::location_url as storage_url;
-
 // ---------------------------------------------------------------------------------------------
 // Reading
 // ---------------------------------------------------------------------------------------------
