@@ -26,6 +26,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod eval;
 pub mod flow;
 pub mod inspect;
 pub mod kernels;
