@@ -29,6 +29,18 @@ pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 /// Key of the effective job YAML in the checkpoint state's `extra`.
 pub const JOB_KEY: &str = "job_yaml";
+/// Key of the loss guard's memory ([`LossGuardRecord`]) in the checkpoint state's `extra`.
+pub const LOSS_GUARD_KEY: &str = "loss_guard";
+
+/// What a checkpoint keeps of the trainer's loss guard (`train::loss_guard`): the recent
+/// applied losses spikes are measured against, and the skip counts. Absent in checkpoints of
+/// earlier versions: an empty guard.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossGuardRecord {
+    pub recent_losses: Vec<f64>,
+    pub skipped_in_a_row: u32,
+    pub skipped_total: u64,
+}
 
 /// Gives every parameter the id `hash(path)`: two processes, or one process before and after
 /// a restart, then agree on ids without storing them.
@@ -77,6 +89,7 @@ pub struct TrainingState<AB: AutodiffBackend> {
     pub step: u64,
     /// Where the data stream continues.
     pub position: StreamPosition,
+    pub loss_guard: LossGuardRecord,
 }
 
 impl<AB: AutodiffBackend> TrainingState<AB> {
@@ -90,6 +103,7 @@ impl<AB: AutodiffBackend> TrainingState<AB> {
                 epoch: 0,
                 position: 0,
             },
+            loss_guard: LossGuardRecord::default(),
         }
     }
 
@@ -106,6 +120,15 @@ impl<AB: AutodiffBackend> TrainingState<AB> {
             position: StreamPosition {
                 epoch: state.epoch,
                 position: state.position,
+            },
+            loss_guard: match state.extra.get(LOSS_GUARD_KEY) {
+                Some(record) => {
+                    serde_json::from_value(record.clone()).map_err(|e| Error::Checkpoint {
+                        checkpoint: checkpoint.url.clone(),
+                        reason: format!("state.json's `{LOSS_GUARD_KEY}`: {e}"),
+                    })?
+                }
+                None => LossGuardRecord::default(),
             },
         })
     }

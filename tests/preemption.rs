@@ -1,7 +1,8 @@
-//! Faults with real processes and real signals: SIGTERM to `ditrun train`, and to one rank of
-//! a 2-rank `mpirun` job, ends the job after an agreed step with a committed checkpoint of it
-//! and exit code 143, and `--resume auto` then ends bit-identical to an uninterrupted run; a
-//! rank throttled with SIGSTOP/SIGCONT is named as the slowest in rank 0's log.
+//! Faults with real processes and real signals: SIGTERM to `ditrun train`, to one rank of a
+//! 2-rank `mpirun` job, and to `ditrun launch`, ends the job after an agreed step with a
+//! committed checkpoint of it and exit code 143, and `--resume auto` then ends bit-identical to
+//! an uninterrupted run; SIGKILL leaves the last committed checkpoint as the latest; a rank
+//! throttled with SIGSTOP/SIGCONT is named as the slowest in rank 0's log.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,10 @@ fn ditrun() -> &'static str {
 /// A job whose steps take a few milliseconds: a signal lands mid-run. Checkpoints only at the
 /// end, so the one a stop leaves is the stop's own.
 fn write_job(root: &Path, threads: usize) -> PathBuf {
+    write_job_saving_every(root, threads, 0)
+}
+
+fn write_job_saving_every(root: &Path, threads: usize, every_steps: u64) -> PathBuf {
     let yaml = format!(
         r#"
 name: tiny-preemption
@@ -42,7 +47,7 @@ data:
   shuffle_window: 2
   prefetch: 2
 train: {{ steps: {STEPS}, batch_size: 8, lr: 1.0e-3, warmup_steps: 2, ema_decay: 0.9, seed: 7, backend: auto, threads: {threads} }}
-checkpoint: {{ url: {root}/checkpoints, every_steps: 0, keep_last: 2 }}
+checkpoint: {{ url: {root}/checkpoints, every_steps: {every_steps}, keep_last: 2 }}
 logging: {{ dir: "", every_steps: 1 }}
 sample: {{ every_steps: 0, at_end: false }}
 dist: {{ timeout_secs: 60 }}
@@ -265,6 +270,136 @@ fn sigterm_to_one_rank_stops_both_after_the_same_step_with_a_checkpoint() {
         resumed[0]["params_sha256"],
         uninterrupted[0]["params_sha256"]
     );
+}
+
+/// `ditrun launch` of two ranks, allowed to restart (a stop that was asked for must not be).
+fn launch_command(job: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(ditrun());
+    command
+        .args(["launch", "--nproc-per-node", "2", "--max-restarts", "2"])
+        .args(["--mpirun-arg=--oversubscribe", "--", "train", "--job"])
+        .arg(job)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    command
+}
+
+#[test]
+fn sigterm_to_ditrun_launch_stops_every_rank_with_a_checkpoint_and_is_not_restarted() {
+    let _one = serial();
+    let straight = tempfile::tempdir().unwrap();
+    let uninterrupted = run_to_end(launch_command(&write_job(straight.path(), 1), &[]));
+
+    let stopped = tempfile::tempdir().unwrap();
+    let job = write_job(stopped.path(), 1);
+    let (output, stopped_in) = signal_after_step(launch_command(&job, &[]), 20, |launcher| {
+        sigterm(launcher.id())
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(143),
+        "the launcher ends with the ranks' code; stderr:\n{stderr}"
+    );
+    assert!(
+        stopped_in < Duration::from_secs(25),
+        "stopped in {stopped_in:?}"
+    );
+    assert!(
+        !stderr.contains("restarting the job"),
+        "a stop that was asked for is not restarted:\n{stderr}"
+    );
+    let reports = outcomes(&output);
+    assert_eq!(reports.len(), 2, "both ranks saved and reported:\n{stderr}");
+    assert_eq!(reports[0]["steps_done"], reports[1]["steps_done"]);
+    assert_eq!(reports[0]["stopped_by"], "SIGTERM");
+    let step = reports[0]["steps_done"].as_u64().unwrap();
+    assert!((20..STEPS).contains(&step), "stopped after step {step}");
+    assert_eq!(latest_step(stopped.path()), Some(step));
+
+    let resumed = run_to_end(launch_command(&job, &["--resume", "auto"]));
+    assert_eq!(resumed[0]["resumed_from"], step);
+    assert_eq!(
+        resumed[0]["params_sha256"],
+        uninterrupted[0]["params_sha256"]
+    );
+}
+
+#[test]
+fn sigkill_leaves_the_last_committed_checkpoint_as_the_latest_and_resume_ends_bit_identical() {
+    let _one = serial();
+    let straight = tempfile::tempdir().unwrap();
+    let uninterrupted = run_to_end(train_command(
+        &write_job_saving_every(straight.path(), 1, 10),
+        &[],
+    ));
+
+    let killed = tempfile::tempdir().unwrap();
+    let job = write_job_saving_every(killed.path(), 1, 10);
+    // Right after step 40, whose checkpoint is being written in the background.
+    let (output, _) = signal_after_step(train_command(&job, &[]), 40, |child| {
+        signal(child.id(), libc::SIGKILL)
+    });
+    assert_eq!(output.status.code(), None, "killed, not exited");
+    let latest = latest_step(killed.path()).expect("an earlier committed checkpoint");
+    assert!(
+        latest % 10 == 0 && (10..=40).contains(&latest),
+        "the latest is a committed checkpoint of the cadence, got step {latest}"
+    );
+    let resumed = run_to_end(train_command(&job, &["--resume", "auto"]));
+    assert_eq!(resumed[0]["resumed_from"], latest);
+    assert_eq!(
+        resumed[0]["params_sha256"],
+        uninterrupted[0]["params_sha256"]
+    );
+}
+
+/// Rank 1's loss (and so, after the all-reduce, every rank's gradients) is NaN at step 15.
+fn nan_on_rank_1_at_step_15(job: &Path, extra: &[&str]) -> Output {
+    let mut command = mpirun(2);
+    command
+        .env("DITRUN_INJECT_NONFINITE_LOSS", "1:15")
+        .env("RUST_LOG", "info")
+        .args([ditrun(), "train", "--job", &job.display().to_string()])
+        .args(extra);
+    command.output().expect("mpirun starts")
+}
+
+#[test]
+fn a_nan_on_rank_1_only_is_skipped_or_stops_on_both_ranks_at_the_same_step() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let output = nan_on_rank_1_at_step_15(
+        &write_job(dir.path(), 1),
+        &["--set", "train.on_nonfinite=skip"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let reports = outcomes(&output);
+    assert_eq!(reports.len(), 2, "{stderr}");
+    for report in &reports {
+        assert_eq!(report["skipped_steps"], 1, "{report}");
+        assert_eq!(report["steps_done"], STEPS);
+    }
+    assert_eq!(reports[0]["params_sha256"], reports[1]["params_sha256"]);
+    assert!(
+        stderr.contains("step skipped on every rank: the loss is NaN"),
+        "rank 0 logs the skip:\n{stderr}"
+    );
+    assert!(reports[0]["final_loss"].as_f64().unwrap().is_finite());
+
+    let dir = tempfile::tempdir().unwrap();
+    let output = nan_on_rank_1_at_step_15(&write_job(dir.path(), 1), &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the default is to stop");
+    for rank in 0..2 {
+        assert!(
+            stderr.contains(&format!(
+                "error: rank {rank} of 2: training: step 15: the loss became NaN (train.on_nonfinite: stop)"
+            )),
+            "rank {rank} halts at step 15:\n{stderr}"
+        );
+    }
 }
 
 fn signal(pid: u32, signal: libc::c_int) {

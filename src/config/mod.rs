@@ -10,5 +10,5 @@ mod text_encoder;
 pub use load::{load_job, location_url, QUICKSTART_JOB};
 pub use spec::{
     BackendChoice, CheckpointSpec, DataSpec, DatasetKind, DistSpec, JobSpec, LoggingSpec,
-    PrepareSpec, SampleSpec, Split, TextEncoderSpec, TrainSpec,
+    OnNonFinite, PrepareSpec, SampleSpec, Split, TextEncoderSpec, TrainSpec,
 };

@@ -111,6 +111,25 @@ pub struct TrainSpec {
     /// After SIGTERM/SIGINT/SIGHUP the run finishes its step and writes a final checkpoint;
     /// past this many seconds it exits anyway (below Kubernetes' default 30 s grace period).
     pub stop_grace_secs: f64,
+    /// What a NaN or infinite loss (the mean over all ranks) does: `stop` or `skip` the step.
+    pub on_nonfinite: OnNonFinite,
+    /// Skips in a row after which the run stops anyway.
+    pub max_skipped: u32,
+    /// Skip a step whose loss is above this many times the median of the last 100 applied
+    /// steps' losses (after 20 of them); 0 = never.
+    pub skip_loss_spikes: f64,
+}
+
+/// `train.on_nonfinite`: what a NaN or infinite loss does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// End the run with an error; the last committed checkpoint stays the latest.
+    #[default]
+    Stop,
+    /// Skip the step on every rank (weights, EMA and optimizer untouched); stop after
+    /// `train.max_skipped` skips in a row.
+    Skip,
 }
 
 /// How ranks work together (used when the job runs on several ranks).
@@ -254,6 +273,9 @@ impl Default for TrainSpec {
             precision: Precision::F32,
             threads: None,
             stop_grace_secs: 25.0,
+            on_nonfinite: OnNonFinite::Stop,
+            max_skipped: 10,
+            skip_loss_spikes: 0.0,
         }
     }
 }
@@ -478,7 +500,7 @@ impl JobSpec {
     fn train_problem(&self) -> Option<(&'static str, String)> {
         let t = &self.train;
         let unit = |x: f64| (0.0..1.0).contains(&x);
-        let checks: [(bool, &'static str, String); 13] = [
+        let checks: [(bool, &'static str, String); 14] = [
             (t.steps == 0, "train.steps", "must be > 0".into()),
             (t.batch_size == 0, "train.batch_size", "must be > 0".into()),
             (
@@ -540,6 +562,15 @@ impl JobSpec {
                 !(t.stop_grace_secs.is_finite() && t.stop_grace_secs > 0.0),
                 "train.stop_grace_secs",
                 format!("must be > 0, got {}", t.stop_grace_secs),
+            ),
+            (
+                !(t.skip_loss_spikes == 0.0
+                    || (t.skip_loss_spikes.is_finite() && t.skip_loss_spikes > 1.0)),
+                "train.skip_loss_spikes",
+                format!(
+                    "must be 0 (off) or a factor above 1, got {}",
+                    t.skip_loss_spikes
+                ),
             ),
         ];
         first_failed(checks)

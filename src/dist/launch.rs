@@ -2,12 +2,21 @@
 //! ranks' output through, and when the job fails restarts it from the latest committed
 //! checkpoint up to `max_restarts` times. mpirun already ends every rank as soon as one dies;
 //! the launcher reads which rank failed, and how, from mpirun's report.
+//!
+//! Stopping: SIGTERM, SIGINT or SIGHUP to the launcher is passed to every rank as the signal
+//! mpirun forwards (SIGUSR1 for a SIGTERM or SIGHUP, SIGUSR2 for a SIGINT: `dist::signals`), so
+//! the ranks agree on a step, save it and exit with 128 + the signal. A stop that was asked for
+//! is never restarted, and the launcher exits with the ranks' code. mpirun runs in a process
+//! group of its own: a terminal's Ctrl-C reaches only the launcher, never mpirun, whose own
+//! SIGINT handling would kill the ranks a second later.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use super::signals::{self, StopSignal};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -121,9 +130,18 @@ pub fn launch(options: &LaunchOptions) -> Result<i32> {
         max_restarts = options.max_restarts,
         "launching"
     );
+    signals::install_for_launcher();
     let mut restart = 0;
     loop {
-        match run_attempt(options, ranks, restart)? {
+        if let Some(stop) = signals::launcher_stop() {
+            // Asked to stop between two attempts: there is nothing running to save.
+            return Ok(stopped_as_asked(stop, None).max(stop.exit_code()));
+        }
+        let attempt = run_attempt(options, ranks, restart)?;
+        if let Some(stop) = signals::launcher_stop() {
+            return Ok(stopped_as_asked(stop, attempt));
+        }
+        match attempt {
             None => {
                 if restart > 0 {
                     tracing::info!(restarts = restart, "the job finished after restarting");
@@ -151,13 +169,51 @@ pub fn launch(options: &LaunchOptions) -> Result<i32> {
     }
 }
 
+/// The exit code after a stop that was asked for: the ranks', as a restart would undo the stop.
+fn stopped_as_asked(stop: StopSignal, attempt: Option<RankFailure>) -> i32 {
+    let code = attempt.map_or(0, |failure| failure.exit_code);
+    tracing::warn!(
+        signal = stop.name(),
+        exit_code = code,
+        "the job stopped as asked: not restarting"
+    );
+    code
+}
+
+/// Waits for mpirun, passing each stop request on to it (and through it to every rank).
+fn wait_forwarding_stops(child: &mut Child, mpirun: &str) -> Result<ExitStatus> {
+    let pid = child.id() as libc::pid_t;
+    loop {
+        let (requests, first) = signals::take_launcher_requests();
+        if let Some(stop) = first.filter(|_| requests > 0) {
+            let forwarded = signals::forwarded_as(stop.0);
+            tracing::warn!(
+                signal = stop.name(),
+                "asking every rank to stop after its current step (a second signal ends them at once)"
+            );
+            for _ in 0..requests {
+                // SAFETY: plain kill(2) to our own child.
+                unsafe { libc::kill(pid, forwarded) };
+            }
+        }
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| Error::Distributed(format!("waiting for {mpirun}: {e}")))?
+        {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// One mpirun; `None` when every rank succeeded.
 fn run_attempt(options: &LaunchOptions, ranks: usize, restart: u32) -> Result<Option<RankFailure>> {
     let mut command = mpirun_command(options, ranks, restart);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = command.spawn().map_err(|e| {
         Error::Distributed(format!(
             "cannot start `{}`: {e} (install OpenMPI: apt-get install openmpi-bin, or pass --mpirun PATH)",
@@ -175,9 +231,7 @@ fn run_attempt(options: &LaunchOptions, ranks: usize, restart: u32) -> Result<Op
         }
         kept
     });
-    let status = child
-        .wait()
-        .map_err(|e| Error::Distributed(format!("waiting for {}: {e}", options.mpirun)))?;
+    let status = wait_forwarding_stops(&mut child, &options.mpirun)?;
     let report = reader.join().unwrap_or_default();
     if status.success() {
         return Ok(None);

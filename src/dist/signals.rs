@@ -9,11 +9,23 @@
 //! - A second signal, or the grace deadline after the first, ends the process at once with
 //!   that code. A checkpoint being written then has no `COMMIT` file, so the previous one stays
 //!   the latest.
+//! - SIGUSR1 and SIGUSR2 stand for SIGTERM and SIGINT: mpirun forwards only those two to every
+//!   rank, on every node, while its own SIGTERM kills the ranks a second later. `ditrun launch`
+//!   (and a user of plain mpirun) sends them to mpirun to stop a job gracefully.
 //! - The handler only stores to atomics and calls `_exit`, both async-signal-safe.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
+
+/// Every signal that asks a rank to stop.
+const STOP_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
 
 /// The first stopping signal received (0: none yet).
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
@@ -46,7 +58,25 @@ pub fn received() -> Option<StopSignal> {
     }
 }
 
+/// The stop a signal asks for: the forwarded SIGUSR1/SIGUSR2 count as SIGTERM/SIGINT.
+pub fn stop_meant_by(signal: libc::c_int) -> libc::c_int {
+    match signal {
+        libc::SIGUSR1 => libc::SIGTERM,
+        libc::SIGUSR2 => libc::SIGINT,
+        other => other,
+    }
+}
+
+/// The signal `ditrun launch` sends mpirun (which forwards it to every rank) for `stop`.
+pub fn forwarded_as(stop: libc::c_int) -> libc::c_int {
+    match stop {
+        libc::SIGINT => libc::SIGUSR2,
+        _ => libc::SIGUSR1,
+    }
+}
+
 extern "C" fn on_signal(signal: libc::c_int) {
+    let signal = stop_meant_by(signal);
     if RECEIVED
         .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
@@ -57,12 +87,12 @@ extern "C" fn on_signal(signal: libc::c_int) {
     }
 }
 
-/// Installs the handlers for SIGTERM, SIGINT and SIGHUP (once per process), and a watchdog
+/// Installs the handlers for SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 (once per process), and a watchdog
 /// that ends the process `grace` after the first signal if the run has not ended by then.
 pub fn install(grace: Duration) {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
-        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for signal in STOP_SIGNALS {
             // SAFETY: the handler is async-signal-safe (atomics and `_exit` only).
             unsafe {
                 libc::signal(signal, on_signal as *const () as libc::sighandler_t);
@@ -102,4 +132,65 @@ fn watch_deadline(grace: Duration) {
     tracing::error!("{message}");
     eprintln!("error: {message}");
     std::process::exit(signal.exit_code());
+}
+
+/// Stop requests a launcher has received and not yet passed on, and the first one's signal.
+static LAUNCHER_REQUESTS: AtomicI32 = AtomicI32::new(0);
+static LAUNCHER_FIRST: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_launcher_signal(signal: libc::c_int) {
+    let _ = LAUNCHER_FIRST.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    LAUNCHER_REQUESTS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// For `ditrun launch`: SIGTERM, SIGINT and SIGHUP only count requests (see
+/// [`take_launcher_requests`]); the launcher passes each on to its ranks and never dies first,
+/// so it can report how they ended.
+pub fn install_for_launcher() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: the handler only touches atomics.
+            unsafe {
+                libc::signal(
+                    signal,
+                    on_launcher_signal as *const () as libc::sighandler_t,
+                );
+            }
+        }
+    });
+}
+
+/// The first stop signal the launcher received, if any.
+pub fn launcher_stop() -> Option<StopSignal> {
+    match LAUNCHER_FIRST.load(Ordering::SeqCst) {
+        0 => None,
+        signal => Some(StopSignal(signal)),
+    }
+}
+
+/// How many stop requests arrived since the last call, and the first signal ever received.
+pub fn take_launcher_requests() -> (i32, Option<StopSignal>) {
+    (LAUNCHER_REQUESTS.swap(0, Ordering::SeqCst), launcher_stop())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_signals_mean_the_stop_they_stand_for() {
+        for stop in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            let meant = stop_meant_by(forwarded_as(stop));
+            // mpirun forwards only two signals: a hang-up travels as a SIGTERM.
+            let expected = if stop == libc::SIGHUP {
+                libc::SIGTERM
+            } else {
+                stop
+            };
+            assert_eq!(meant, expected, "{}", StopSignal(stop).name());
+        }
+        assert_eq!(StopSignal(stop_meant_by(libc::SIGUSR1)).exit_code(), 143);
+        assert_eq!(StopSignal(stop_meant_by(libc::SIGUSR2)).exit_code(), 130);
+    }
 }

@@ -18,6 +18,10 @@ pub struct StepStats {
     pub data_wait_secs: f64,
     /// Time this step spent averaging gradients over ranks (0 on one rank).
     pub allreduce_secs: f64,
+    /// Why this step was skipped on every rank (`train.on_nonfinite`, `train.skip_loss_spikes`).
+    pub skipped: Option<String>,
+    /// Steps skipped so far in this run (and its checkpoints).
+    pub skipped_steps: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +216,7 @@ mod tests {
             step_secs: 0.1,
             data_wait_secs: 0.002,
             allreduce_secs: 0.0,
+            ..Default::default()
         }
     }
 

@@ -13,7 +13,7 @@ use crate::config::JobSpec;
 use crate::dist::World;
 use crate::error::Result;
 use crate::storage::Location;
-use crate::training_state::{JobRecord, TrainingState};
+use crate::training_state::{JobRecord, TrainingState, LOSS_GUARD_KEY};
 
 pub struct Checkpointer {
     store: CheckpointStore,
@@ -65,6 +65,13 @@ impl<AB: AutodiffBackend> Component<AB> for Checkpointer {
             &self.job,
         )?;
         state.world_size = self.world_size;
+        if let Some(extra) = state.extra.as_object_mut() {
+            extra.insert(
+                LOSS_GUARD_KEY.to_string(),
+                serde_json::to_value(trainer.loss_guard_record())
+                    .expect("finite numbers and counts serialise"),
+            );
+        }
         // The store runs one save at a time: this waits for the previous one and returns its
         // error, if any; `finish` reports the last.
         self.store.save_async(state, files)?;

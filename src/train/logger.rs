@@ -54,6 +54,14 @@ pub fn open_events(
 impl<AB: AutodiffBackend> Component<AB> for Logger {
     fn after_step(&mut self, at: &mut AfterStep<'_, '_, AB>) -> Result<()> {
         let stats = at.stats;
+        if let Some(why) = &stats.skipped {
+            // Every skip, whatever the logging cadence: each one is a step the model missed.
+            tracing::warn!(
+                step = stats.step,
+                skipped_steps = stats.skipped_steps,
+                "step skipped on every rank: {why}"
+            );
+        }
         if !self.progress.update(stats) {
             return Ok(());
         }
@@ -70,6 +78,9 @@ impl<AB: AutodiffBackend> Component<AB> for Logger {
         ];
         if self.distributed {
             scalars.push(("train/allreduce_secs", stats.allreduce_secs));
+        }
+        if stats.skipped_steps > 0 {
+            scalars.push(("train/skipped_steps", stats.skipped_steps as f64));
         }
         for (tag, value) in scalars {
             writer.scalar(tag, stats.step, value)?;

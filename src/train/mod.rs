@@ -11,6 +11,7 @@
 mod checkpointer;
 mod component;
 mod logger;
+mod loss_guard;
 mod params;
 mod preemption;
 mod randomness;
@@ -65,6 +66,8 @@ pub struct TrainOutcome {
     pub stopped_by: Option<String>,
     /// What the process should exit with: 0, or 128 + the signal's number.
     pub exit_code: i32,
+    /// Steps skipped on every rank for a non-finite or spiking loss (`train.on_nonfinite`).
+    pub skipped_steps: u64,
 }
 
 pub fn train(job: &JobSpec, resume: &Resume) -> Result<TrainOutcome> {
@@ -172,10 +175,13 @@ fn run<AB: AutodiffBackend>(
     }
     let (steps_done, final_loss, stop_signal) = match stepped? {
         Ran::To { step, loss, signal } => (step, loss, signal),
-        Ran::NonFinite { step, loss } => {
+        Ran::Halted { step, why } => {
             return Err(Error::Training(format!(
-                "the loss became {loss} at step {step}; stopping. The last good checkpoint ({}) stays the latest",
-                summary.last_checkpoint.as_deref().unwrap_or("none written in this run"),
+                "step {step}: {why}; stopping. The last good checkpoint ({}) stays the latest",
+                summary
+                    .last_checkpoint
+                    .as_deref()
+                    .unwrap_or("none written in this run"),
             )))
         }
     };
@@ -202,20 +208,21 @@ fn run<AB: AutodiffBackend>(
         params_sha256,
         stopped_by: stop_signal.map(|signal| signal.name().to_string()),
         exit_code: stop_signal.map_or(0, |signal| signal.exit_code()),
+        skipped_steps: trainer.loss_guard_record().skipped_total,
     })
 }
 
-/// How the steps ended: at a step (the last, or the one a stop was asked after), or at a
-/// non-finite loss.
+/// How the steps ended: at a step (the last, or the one a stop was asked after), or where
+/// the loss guard halted the run.
 enum Ran {
     To {
         step: u64,
         loss: f64,
         signal: Option<StopSignal>,
     },
-    NonFinite {
+    Halted {
         step: u64,
-        loss: f64,
+        why: String,
     },
 }
 
@@ -235,7 +242,7 @@ fn drive<AB: AutodiffBackend>(
     for step in trainer.start_step..total {
         let stats = match trainer.step(step)? {
             Stepped::Done(stats) => stats,
-            Stepped::NonFinite { step, loss } => return Ok(Ran::NonFinite { step, loss }),
+            Stepped::Halted { step, why, .. } => return Ok(Ran::Halted { step, why }),
         };
         let mut at = AfterStep {
             stats: &stats,

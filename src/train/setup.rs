@@ -23,7 +23,7 @@ use crate::storage::Location;
 use crate::text::TextEmbeddingCache;
 use crate::training_state::{
     restore_optimizer, snapshot_from_bytes, snapshot_to_bytes, with_path_ids, JobRecord,
-    TrainingState,
+    TrainingState, OPTIMIZER_FILE,
 };
 
 /// Where a run starts from.
@@ -230,15 +230,22 @@ pub fn starting_state<AB: AutodiffBackend, O: Optimizer<TextConditionalDiT<AB>, 
         snapshot_from_bytes(&collective.broadcast(0, snapshot, "starting state from rank 0")?)?;
     optimizer = restore_optimizer(optimizer, &snapshot, device)?;
     let state = TrainingState::restore(fresh, &snapshot)?;
+    // The optimizer's moments are compared too: ranks that started from different moments
+    // would drift apart from the first step on.
+    let optimizer_bytes = snapshot
+        .files
+        .get(OPTIMIZER_FILE)
+        .map_or(&[][..], |bytes| &bytes[..]);
     let digest = format!(
-        "{}{}",
+        "{}{}{}",
         parameter_digest(&state.model),
-        parameter_digest(&state.ema)
+        parameter_digest(&state.ema),
+        hex::encode(Sha256::digest(optimizer_bytes))
     );
     let digest = hex::encode(Sha256::digest(digest.as_bytes()));
     ensure_same_on_all_ranks(
         collective,
-        "starting parameters (sha256 of model and EMA)",
+        "starting state (sha256 of model, EMA and optimizer moments)",
         &digest,
     )?;
     Ok((state, optimizer))

@@ -7,8 +7,8 @@
 //! - A step's outcome is a pure function of (job, starting state, step): the data order, the
 //!   noise and the caption dropout do not depend on when a run was stopped and resumed, nor on
 //!   how the global batch is split into ranks and passes.
-//! - Every rank takes the same decision on a non-finite loss (it is averaged over the ranks
-//!   first), so none is left waiting in a collective.
+//! - Every rank takes the same decision on a non-finite or spiking loss (`loss_guard.rs`
+//!   judges the loss averaged over the ranks), so none is left waiting in a collective.
 //! - The trainer writes nothing: checkpoints, logs and samples are the components' (`run`).
 
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
+use super::loss_guard::{LossGuard, Verdict};
 use super::params::{global_grad_norm, scale_grads, update_ema};
 use super::randomness::{PassRandomness, RandomnessAhead, RandomnessPlan};
 use super::schedule::learning_rate;
@@ -57,16 +58,22 @@ pub struct Trainer<'a, AB: AutodiffBackend> {
     device: AB::Device,
     stream: BatchStream,
     randomness: RandomnessAhead,
+    loss_guard: LossGuard,
+    /// Steps (1-based) whose loss this rank makes NaN: [`INJECT_NONFINITE_ENV`].
+    injected_nonfinite: Vec<u64>,
 }
+
+/// A fault for tests and fire drills: `RANK:STEP[,RANK:STEP...]` makes rank RANK's loss (and
+/// so its gradients) NaN at step STEP (counted from 1), as a bad batch or an overflow would.
+pub const INJECT_NONFINITE_ENV: &str = "DITRUN_INJECT_NONFINITE_LOSS";
 
 /// What a step ended with.
 pub enum Stepped {
+    /// Applied, or skipped on every rank (`StepStats::skipped` says why).
     Done(StepStats),
-    /// The loss (averaged over ranks) was NaN or infinite: the update was not applied.
-    NonFinite {
-        step: u64,
-        loss: f64,
-    },
+    /// The loss guard ends the run (`train.on_nonfinite: stop`, or too many skips in a row):
+    /// the update was not applied.
+    Halted { step: u64, loss: f64, why: String },
 }
 
 impl<'a, AB: AutodiffBackend> Trainer<'a, AB> {
@@ -116,6 +123,12 @@ impl<'a, AB: AutodiffBackend> Trainer<'a, AB> {
             &device,
         )?;
         let stream = data_stream(job, source, world, micro_batch, state.position)?;
+        let loss_guard = LossGuard::new(
+            job.train.on_nonfinite,
+            job.train.skip_loss_spikes,
+            job.train.max_skipped,
+        )
+        .restored(state.loss_guard);
         let randomness = RandomnessAhead::start(
             RandomnessPlan::for_job(job, micro_batch, accumulation, world),
             state.step..end_step,
@@ -136,6 +149,8 @@ impl<'a, AB: AutodiffBackend> Trainer<'a, AB> {
             device,
             stream,
             randomness,
+            loss_guard,
+            injected_nonfinite: injected_nonfinite(world.rank),
         })
     }
 
@@ -169,18 +184,46 @@ impl<'a, AB: AutodiffBackend> Trainer<'a, AB> {
         let bucket_bytes = (self.job.dist.bucket_mb * 1e6) as usize;
         let allreduce = average_gradients(self.model(), &mut grads, self.collective, bucket_bytes)?;
         let loss = self.mean_over_ranks(loss)?;
-        if !loss.is_finite() {
-            return Ok(Stepped::NonFinite {
+        let train = &self.job.train;
+        let lr = learning_rate(step, train.lr, train.warmup_steps, train.steps);
+        let skipped = match self.loss_guard.judge(loss) {
+            Verdict::Apply => None,
+            Verdict::Skip { why, in_a_row } => Some(format!("{why} ({in_a_row} in a row)")),
+            Verdict::Stop { why } => {
+                return Ok(Stepped::Halted {
+                    step: step + 1,
+                    loss,
+                    why,
+                })
+            }
+        };
+        let step_stats = |grad_norm: f64, skipped: Option<String>, guard: &LossGuard| {
+            let step_secs = started.elapsed().as_secs_f64();
+            StepStats {
                 step: step + 1,
                 loss,
-            });
+                lr,
+                grad_norm,
+                images_per_sec: train.batch_size as f64 / step_secs,
+                step_secs,
+                data_wait_secs: data_wait,
+                allreduce_secs: allreduce.as_secs_f64(),
+                skipped,
+                skipped_steps: guard.skipped_total(),
+            }
+        };
+        if skipped.is_some() {
+            // The gradients (already averaged: a NaN on one rank is on all) are dropped.
+            return Ok(Stepped::Done(step_stats(
+                f64::NAN,
+                skipped,
+                &self.loss_guard,
+            )));
         }
-        let train = &self.job.train;
         let grad_norm = global_grad_norm(self.model(), &grads);
         if train.grad_clip > 0.0 && grad_norm > train.grad_clip {
             scale_grads(self.model(), &mut grads, train.grad_clip / grad_norm);
         }
-        let lr = learning_rate(step, train.lr, train.warmup_steps, train.steps);
         let model = self
             .optimizer
             .step(lr, self.model.take().expect("between steps"), grads);
@@ -190,17 +233,12 @@ impl<'a, AB: AutodiffBackend> Trainer<'a, AB> {
             train.ema_decay,
         );
         (self.model, self.ema) = (Some(model), Some(ema));
-        let step_secs = started.elapsed().as_secs_f64();
-        Ok(Stepped::Done(StepStats {
-            step: step + 1,
-            loss,
-            lr,
-            grad_norm,
-            images_per_sec: train.batch_size as f64 / step_secs,
-            step_secs,
-            data_wait_secs: data_wait,
-            allreduce_secs: allreduce.as_secs_f64(),
-        }))
+        Ok(Stepped::Done(step_stats(grad_norm, None, &self.loss_guard)))
+    }
+
+    /// What a checkpoint keeps of the loss guard, so a resumed run decides as this one would.
+    pub fn loss_guard_record(&self) -> crate::training_state::LossGuardRecord {
+        self.loss_guard.record()
     }
 
     /// This rank's gradients of step `step`, averaged over its accumulation passes, with the
@@ -243,9 +281,12 @@ impl<'a, AB: AutodiffBackend> Trainer<'a, AB> {
                 ),
             };
             let model = self.model();
-            let loss = with_precision(self.job.train.precision, || {
+            let mut loss = with_precision(self.job.train.precision, || {
                 flow_matching_loss(model, flow, context, Some(mask))
             });
+            if pass == 0 && self.injected_nonfinite.contains(&(step + 1)) {
+                loss = loss.mul_scalar(f32::NAN);
+            }
             let loss_of_pass = loss.clone().detach();
             let grads = GradientsParams::from_grads(loss.backward(), model);
             // Read after the backward is queued: reading first would leave a GPU idle while
@@ -277,6 +318,27 @@ impl<'a, AB: AutodiffBackend> Trainer<'a, AB> {
             .all_reduce_mean(&mut mean, "loss all-reduce")?;
         Ok(mean[0] as f64)
     }
+}
+
+/// The steps [`INJECT_NONFINITE_ENV`] names for `rank`.
+fn injected_nonfinite(rank: usize) -> Vec<u64> {
+    let Ok(spec) = std::env::var(INJECT_NONFINITE_ENV) else {
+        return Vec::new();
+    };
+    let steps: Vec<u64> = spec
+        .split(',')
+        .filter_map(|pair| pair.trim().split_once(':'))
+        .filter(|(r, _)| r.trim().parse() == Ok(rank))
+        .filter_map(|(_, step)| step.trim().parse().ok())
+        .collect();
+    if !steps.is_empty() {
+        tracing::warn!(
+            rank,
+            ?steps,
+            "{INJECT_NONFINITE_ENV}: this rank's loss will be NaN at these steps"
+        );
+    }
+    steps
 }
 
 /// This rank's slice of each global batch, from `position` on.
