@@ -20,8 +20,10 @@ Then what ties the manifests to ditrun:
     an MPIJob, every replica: the ranks run on the workers);
   - ConfigMaps and Secrets that pods use are defined among the manifests; a workload's
     selector matches its pod template, a Service's selector some pod template;
-  - an MPIJob's mpirun -np = Worker replicas x slotsPerWorker, slotsPerWorker = the Worker's
+  - an MPIJob's ranks (mpirun -np, or ditrun launch --nnodes x --nproc-per-node) = Worker replicas x slotsPerWorker, slotsPerWorker = the Worker's
     nvidia.com/gpu, and the job's train.batch_size is a multiple of the ranks;
+  - a pod running ranks has a terminationGracePeriodSeconds above the job's
+    train.stop_grace_secs (the final checkpoint after a SIGTERM);
   - a TensorBoard Deployment reads the job's logging.dir.
 
 One line per document (and per cross-check): OK or FAIL, file, kind/name, the error and its
@@ -571,15 +573,20 @@ def check_sizes(docs, used, jobs, report):
             for container in containers(launcher_pod):
                 args = argv(container)
                 value = option(args, "-np") or option(args, "-n") or option(args, "--np")
+                if value is None and "launch" in args:
+                    value = launch_ranks(args)
                 if value is not None:
                     np_ = value
             problems = []
             ranks = worker.get("replicas", 1) * slots
             if np_ is None:
-                problems.append("the Launcher's mpirun has no -np")
+                problems.append(
+                    "the Launcher's mpirun has no -np (nor ditrun launch --nnodes x "
+                    "--nproc-per-node)"
+                )
             elif str(np_) != str(ranks):
                 problems.append(
-                    f"mpirun -np {np_} but Worker replicas x slotsPerWorker = "
+                    f"the Launcher starts {np_} ranks but Worker replicas x slotsPerWorker = "
                     f"{worker.get('replicas', 1)} x {slots} = {ranks}"
                 )
             for container in worker_pod.get("containers") or []:
@@ -626,6 +633,44 @@ def check_sizes(docs, used, jobs, report):
                             doc.label(),
                             f"{count} ranks (one per GPU), batch {batch_size(job)}",
                         )
+
+
+def launch_ranks(args):
+    """The ranks `ditrun launch --nnodes N --nproc-per-node M` starts (N x M), if numbers."""
+    nodes = option(args, "--nnodes") or "1"
+    per_node = option(args, "--nproc-per-node")
+    if nodes.isdigit() and per_node and per_node.isdigit():
+        return int(nodes) * int(per_node)
+    return None
+
+
+def stop_grace_secs(job):
+    return float(((job or {}).get("train") or {}).get("stop_grace_secs", 25))
+
+
+def check_grace(docs, used, jobs, report):
+    """A pod that runs ranks gives them, after its SIGTERM, more time than the job takes to
+    stop and save (train.stop_grace_secs), or the kubelet's SIGKILL lands mid-checkpoint."""
+    for doc, job_path in used.items():
+        job = job_for(doc, job_path, docs, jobs)
+        if job is None:
+            continue
+        grace = stop_grace_secs(job)
+        for where, pod in pod_specs(doc):
+            period = pod.get("terminationGracePeriodSeconds", 30)
+            if period <= grace:
+                report.fail(
+                    doc.file,
+                    doc.label(),
+                    f"at {where}: terminationGracePeriodSeconds {period} does not cover the "
+                    f"job's train.stop_grace_secs {grace:g} (the final checkpoint after SIGTERM)",
+                )
+            else:
+                report.ok(
+                    doc.file,
+                    doc.label(),
+                    f"at {where}: grace {period} s > train.stop_grace_secs {grace:g} s",
+                )
 
 
 def check_tensorboard(docs, jobs, report):
@@ -707,6 +752,7 @@ def main():
     used = check_job_mounts(resources, report)
     jobs = check_job_configmaps(resources, args.ditrun, report)
     check_sizes(resources, used, jobs, report)
+    check_grace(resources, used, jobs, report)
     check_tensorboard(resources, jobs, report)
 
     if report.failures:

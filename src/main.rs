@@ -53,6 +53,10 @@ enum Command {
         /// `nvidia-smi -L`, else one CPU rank per core, as torchrun does).
         #[arg(long, default_value = "auto")]
         nproc_per_node: String,
+        /// Nodes in mpirun's hostfile (its `--hostfile`, or the MPI Operator's
+        /// OMPI_MCA_orte_default_hostfile): the job runs nnodes × nproc-per-node ranks.
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
         /// Restarts after a failed attempt, each from the latest committed checkpoint.
         #[arg(long, default_value_t = 0)]
         max_restarts: u32,
@@ -489,6 +493,7 @@ fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
 /// checkpoint when a rank dies; exits with the job's code.
 fn launch(
     nproc_per_node: &str,
+    nodes: usize,
     max_restarts: u32,
     mpirun: String,
     mpirun_args: Vec<String>,
@@ -502,6 +507,7 @@ fn launch(
     };
     let options = ditrun::dist::launch::LaunchOptions {
         ranks,
+        nodes,
         max_restarts,
         command,
         program: std::env::current_exe()?,
@@ -588,11 +594,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => train_rank(job, &overrides, &resume, stop_after)?,
         Command::Launch {
             nproc_per_node,
+            nnodes,
             max_restarts,
             mpirun,
             mpirun_args,
             command,
-        } => launch(&nproc_per_node, max_restarts, mpirun, mpirun_args, command)?,
+        } => launch(
+            &nproc_per_node,
+            nnodes,
+            max_restarts,
+            mpirun,
+            mpirun_args,
+            command,
+        )?,
         Command::Sample {
             checkpoint,
             prompts,

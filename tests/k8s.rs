@@ -191,9 +191,25 @@ fn mpijob_whose_ranks_and_slots_disagree_fails() {
     let outcome = validate(dir.path());
     outcome.assert_fails_with(&[
         "MPIJob/ditrun-cifar10",
-        "mpirun -np 8 but Worker replicas x slotsPerWorker = 2 x 8 = 16",
+        "the Launcher starts 8 ranks but Worker replicas x slotsPerWorker = 2 x 8 = 16",
     ]);
     outcome.assert_fails_with(&["nvidia.com/gpu 4 but slotsPerWorker is 8"]);
+}
+
+#[test]
+fn a_grace_period_shorter_than_the_job_s_stop_fails() {
+    let dir = broken_copy("job-single-node.yaml", |text| {
+        text.replacen(
+            "terminationGracePeriodSeconds: 90",
+            "terminationGracePeriodSeconds: 30",
+            1,
+        )
+    });
+    let outcome = validate(dir.path());
+    outcome.assert_fails_with(&[
+        "Job/ditrun-cifar10-single-node",
+        "terminationGracePeriodSeconds 30 does not cover the job's train.stop_grace_secs 75",
+    ]);
 }
 
 #[test]

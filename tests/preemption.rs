@@ -326,6 +326,43 @@ fn sigterm_to_ditrun_launch_stops_every_rank_with_a_checkpoint_and_is_not_restar
 }
 
 #[test]
+fn the_k8s_worker_entrypoint_passes_the_kubelet_s_sigterm_on_to_the_ranks_below_it() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), 1);
+    // The entry point's daemon is the rank itself here; in the pod it is sshd, with the ranks
+    // a few processes further down.
+    let mut command = Command::new("bash");
+    command
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/k8s/worker-entrypoint.sh"
+        ))
+        .args([ditrun(), "train", "--job"])
+        .arg(&job)
+        .env("RUST_LOG", "info");
+    let (output, stopped_in) =
+        signal_after_step(command, 20, |entrypoint| sigterm(entrypoint.id()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    assert!(
+        stopped_in < Duration::from_secs(25),
+        "stopped in {stopped_in:?}"
+    );
+    assert!(
+        stderr.contains("ditrun-worker: TERM: asking the ranks to stop"),
+        "{stderr}"
+    );
+    let outcome = &outcomes(&output)[0];
+    assert_eq!(outcome["stopped_by"], "SIGTERM", "{stderr}");
+    assert_eq!(
+        latest_step(dir.path()),
+        outcome["steps_done"].as_u64(),
+        "a committed checkpoint of the stop step"
+    );
+}
+
+#[test]
 fn sigkill_leaves_the_last_committed_checkpoint_as_the_latest_and_resume_ends_bit_identical() {
     let _one = serial();
     let straight = tempfile::tempdir().unwrap();

@@ -21,8 +21,10 @@ use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub struct LaunchOptions {
-    /// Ranks on this node; `None` = [`auto_ranks_per_node`].
+    /// Ranks on each node; `None` = [`auto_ranks_per_node`] (one node only).
     pub ranks: Option<usize>,
+    /// Nodes in mpirun's hostfile; mpirun starts `nodes × ranks` ranks.
+    pub nodes: usize,
     pub max_restarts: u32,
     /// The ditrun subcommand and its arguments, e.g. `train --job jobs/x.yaml`.
     pub command: Vec<String>,
@@ -111,13 +113,22 @@ pub fn attempt_arguments(command: &[String], restart: u32) -> Vec<String> {
 
 /// Runs the job, restarting it after a failure; returns the exit code to end with.
 pub fn launch(options: &LaunchOptions) -> Result<i32> {
-    let (ranks, source) = match options.ranks {
+    let (per_node, source) = match options.ranks {
         Some(n) => (n, "--nproc-per-node"),
+        None if options.nodes > 1 => {
+            // This node's GPUs say nothing of the others' (an MPIJob's launcher has none).
+            return Err(Error::Config(
+                "--nnodes above 1 needs a number for --nproc-per-node, not auto".into(),
+            ));
+        }
         None => auto_ranks_per_node(),
     };
-    if ranks == 0 {
-        return Err(Error::Config("--nproc-per-node must be at least 1".into()));
+    if per_node == 0 || options.nodes == 0 {
+        return Err(Error::Config(
+            "--nproc-per-node and --nnodes must be at least 1".into(),
+        ));
     }
+    let ranks = per_node * options.nodes;
     if options.command.is_empty() {
         return Err(Error::Config(
             "nothing to launch: give the ditrun subcommand after `--`, e.g. `-- train --job J`"
@@ -126,6 +137,7 @@ pub fn launch(options: &LaunchOptions) -> Result<i32> {
     }
     tracing::info!(
         ranks,
+        nodes = options.nodes,
         source,
         max_restarts = options.max_restarts,
         "launching"
