@@ -413,6 +413,17 @@ fn a_rank_that_stops_answering_times_out_the_collective_naming_it() {
             || stderr.contains("transfer with rank(s) 1 stalled"),
         "the missing rank is named:\n{stderr}"
     );
+    // The flight recorder: rank 0's last collectives, the one it waits in still in flight,
+    // with sequence numbers the stuck rank's own record would be behind.
+    assert!(
+        stderr.contains("rank 0: last collectives (timed out), oldest first:"),
+        "rank 0 dumps its flight record:\n{stderr}"
+    );
+    let in_flight = stderr
+        .lines()
+        .filter(|line| line.trim_start().starts_with("rank 0 #") && line.contains("IN FLIGHT"))
+        .count();
+    assert_eq!(in_flight, 1, "one collective in flight:\n{stderr}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! stop.
 
 pub mod collective;
+pub mod flight_recorder;
 pub mod gradients;
 pub mod launch;
 #[cfg(feature = "mpi")]

@@ -5,6 +5,8 @@
 //! that never arrives ends the job instead of hanging it. To name the rank(s) that did not
 //! arrive, each call also sends its sequence number to every peer on a separate communicator:
 //! when the deadline passes, the peers whose number has not come in are the missing ones.
+//! Each call is also kept in the rank's flight recorder (`flight_recorder.rs`), dumped on a
+//! timeout and when mpirun's SIGTERM reaches a rank waiting inside a collective.
 
 use std::ffi::c_void;
 use std::os::raw::c_int;
@@ -16,11 +18,15 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
 
 use super::collective::Collective;
+use super::flight_recorder::FlightRecorder;
+use super::signals;
 use crate::error::{Error, Result};
 
 /// MPI counts are C ints: larger buffers travel in pieces of this many elements.
 const MAX_COUNT: usize = 1 << 30;
 const ARRIVAL_TAG: c_int = 17;
+/// How long a rank must have waited inside a collective for a stop signal to dump its record.
+const SIGNALLED_WAIT_WORTH_A_DUMP: Duration = Duration::from_secs(1);
 /// Exit code of a job ended because a collective timed out.
 pub const TIMEOUT_EXIT_CODE: i32 = 3;
 
@@ -32,6 +38,7 @@ pub struct MpiCollective {
     world_size: usize,
     timeout: Duration,
     sequence: std::cell::Cell<u64>,
+    recorder: FlightRecorder,
     _universe: mpi::environment::Universe,
 }
 
@@ -52,6 +59,7 @@ impl MpiCollective {
             arrivals,
             timeout,
             sequence: std::cell::Cell::new(0),
+            recorder: FlightRecorder::default(),
             _universe: universe,
         })
     }
@@ -64,15 +72,18 @@ impl MpiCollective {
     /// aborted).
     fn round(
         &self,
+        (kind, bytes): (&'static str, usize),
         what: &str,
         post: impl FnOnce(ffi::MPI_Comm, &mut Vec<ffi::MPI_Request>) -> c_int,
     ) -> Result<()> {
         let sequence = self.sequence.get() + 1;
         self.sequence.set(sequence);
+        self.recorder.started(sequence, kind, what, bytes);
         let mut arrivals = Arrivals::post(self, sequence, what)?;
         let mut operation: Vec<ffi::MPI_Request> = Vec::new();
         check(post(self.data.as_raw(), &mut operation), what)?;
         self.wait_or_abort(what, &mut arrivals, &mut operation);
+        self.recorder.completed(sequence);
         for (&peer, &theirs) in arrivals.peers.iter().zip(arrivals.incoming.iter()) {
             if theirs != sequence {
                 return Err(Error::Distributed(format!(
@@ -93,8 +104,10 @@ impl MpiCollective {
         arrivals: &mut Arrivals,
         operation: &mut [ffi::MPI_Request],
     ) {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let mut polls = 0u32;
+        let mut dumped = false;
         loop {
             let arrived_all = test_all(&mut arrivals.receives);
             let sent_all = test_all(&mut arrivals.sends);
@@ -105,7 +118,21 @@ impl MpiCollective {
                 let message = self.timeout_message(what, arrivals);
                 tracing::error!("{message}");
                 eprintln!("error: distributed: {message}");
+                eprintln!("{}", self.recorder.dump(self.rank, "timed out"));
                 self.abort(TIMEOUT_EXIT_CODE);
+            }
+            // Another rank's timeout ends the job through mpirun's SIGTERM, a second before
+            // its SIGKILL: the time to say where this rank was.
+            if !dumped
+                && started.elapsed() > SIGNALLED_WAIT_WORTH_A_DUMP
+                && signals::received().is_some()
+            {
+                dumped = true;
+                eprintln!(
+                    "{}",
+                    self.recorder
+                        .dump(self.rank, "asked to stop while waiting in a collective")
+                );
             }
             // Spin briefly (collectives that are about to finish), then sleep so that a rank
             // waiting for a slower one leaves the cores to it.
@@ -272,25 +299,29 @@ impl Collective for MpiCollective {
 
     fn all_reduce_mean(&self, values: &mut [f32], what: &str) -> Result<()> {
         let send = values.to_vec();
-        self.round(what, |comm, requests| unsafe {
-            for (send, receive) in send.chunks(MAX_COUNT).zip(values.chunks_mut(MAX_COUNT)) {
-                let code = start(requests, |request| {
-                    ffi::MPI_Iallreduce(
-                        send.as_ptr() as *const c_void,
-                        receive.as_mut_ptr() as *mut c_void,
-                        send.len() as c_int,
-                        ffi::RSMPI_FLOAT,
-                        ffi::RSMPI_SUM,
-                        comm,
-                        request,
-                    )
-                });
-                if code != 0 {
-                    return code;
+        self.round(
+            ("all-reduce", 4 * values.len()),
+            what,
+            |comm, requests| unsafe {
+                for (send, receive) in send.chunks(MAX_COUNT).zip(values.chunks_mut(MAX_COUNT)) {
+                    let code = start(requests, |request| {
+                        ffi::MPI_Iallreduce(
+                            send.as_ptr() as *const c_void,
+                            receive.as_mut_ptr() as *mut c_void,
+                            send.len() as c_int,
+                            ffi::RSMPI_FLOAT,
+                            ffi::RSMPI_SUM,
+                            comm,
+                            request,
+                        )
+                    });
+                    if code != 0 {
+                        return code;
+                    }
                 }
-            }
-            0
-        })?;
+                0
+            },
+        )?;
         let scale = 1.0 / self.world_size as f32;
         values.iter_mut().for_each(|v| *v *= scale);
         Ok(())
@@ -298,7 +329,7 @@ impl Collective for MpiCollective {
 
     fn broadcast(&self, root: usize, mut bytes: Vec<u8>, what: &str) -> Result<Vec<u8>> {
         let mut length = [bytes.len() as u64];
-        self.round(what, |comm, requests| unsafe {
+        self.round(("broadcast (length)", 8), what, |comm, requests| unsafe {
             start(requests, |request| {
                 ffi::MPI_Ibcast(
                     length.as_mut_ptr() as *mut c_void,
@@ -311,7 +342,7 @@ impl Collective for MpiCollective {
             })
         })?;
         bytes.resize(length[0] as usize, 0);
-        self.round(what, |comm, requests| unsafe {
+        self.round(("broadcast", bytes.len()), what, |comm, requests| unsafe {
             for piece in bytes.chunks_mut(MAX_COUNT) {
                 let code = start(requests, |request| {
                     let count = piece.len() as c_int;
@@ -335,7 +366,7 @@ impl Collective for MpiCollective {
 
     fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
         let mut all = vec![0u8; mine.len() * self.world_size];
-        self.round(what, |comm, requests| unsafe {
+        self.round(("all-gather", all.len()), what, |comm, requests| unsafe {
             start(requests, |request| {
                 let count = mine.len() as c_int;
                 let (send, receive) = (
@@ -358,7 +389,7 @@ impl Collective for MpiCollective {
     }
 
     fn barrier(&self, what: &str) -> Result<()> {
-        self.round(what, |comm, requests| unsafe {
+        self.round(("barrier", 0), what, |comm, requests| unsafe {
             start(requests, |request| ffi::MPI_Ibarrier(comm, request))
         })
     }
