@@ -380,7 +380,7 @@ fn sigkill_leaves_the_last_committed_checkpoint_as_the_latest_and_resume_ends_bi
     assert_eq!(output.status.code(), None, "killed, not exited");
     let latest = latest_step(killed.path()).expect("an earlier committed checkpoint");
     assert!(
-        latest % 10 == 0 && (10..=40).contains(&latest),
+        latest.is_multiple_of(10) && (10..=40).contains(&latest),
         "the latest is a committed checkpoint of the cadence, got step {latest}"
     );
     let resumed = run_to_end(train_command(&job, &["--resume", "auto"]));

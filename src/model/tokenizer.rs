@@ -56,7 +56,19 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut tokens: Vec<Token> = Vec::new();
         self.bpe.encode(&clean(text), &mut tokens);
-        tokens.truncate(self.context_length - 2);
+        let room = self.context_length - 2;
+        if tokens.len() > room {
+            // Like CLIP itself, the encoder only sees the first tokens; the user should know
+            // that the end of the prompt changes nothing.
+            tracing::warn!(
+                tokens = tokens.len(),
+                kept = room,
+                "prompt cut to the text encoder's {} positions: {:?} is dropped",
+                self.context_length,
+                self.bpe.decode(tokens[room..].iter().copied()).trim()
+            );
+        }
+        tokens.truncate(room);
         std::iter::once(START_OF_TEXT)
             .chain(tokens.into_iter().map(|t| u32::from(t.to_u16())))
             .chain(std::iter::once(END_OF_TEXT))
