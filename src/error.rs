@@ -139,6 +139,22 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// Feature statistics (FID) that cannot be used: `what` names the file and tensor, or the
+    /// statistics compared; `reason` what was expected.
+    #[error("FID statistics {what}: {reason}")]
+    FidStats { what: String, reason: String },
+
+    /// A statistics file made for something else: its metadata entry `key` is not the value
+    /// the caller expects (another dataset index, another Inception network).
+    #[error("{file}: metadata `{key}` is {found}, expected `{expected}`")]
+    StatsMetadata {
+        file: String,
+        key: String,
+        expected: String,
+        /// The value found, quoted, or `missing`.
+        found: String,
+    },
+
     /// The training run itself cannot go on (a non-finite loss, state that does not fit).
     #[error("training: {0}")]
     Training(String),

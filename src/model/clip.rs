@@ -122,36 +122,21 @@ impl ClipTextConfig {
     /// Seeded random weights with CLIP's initialisation scale (normal, std 0.02): what runs when
     /// no pretrained weights are configured.
     pub fn init<B: Backend>(&self, device: &B::Device) -> ClipTextModel<B> {
-        let normal = Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        };
-        let linear = |d_in: usize, d_out: usize| {
-            LinearConfig::new(d_in, d_out)
-                .with_initializer(normal.clone())
-                .init(device)
-        };
         let width = self.hidden_size;
         let layers = (0..self.num_hidden_layers)
-            .map(|_| ClipEncoderLayer {
-                self_attn: ClipAttention {
-                    q_proj: linear(width, width),
-                    k_proj: linear(width, width),
-                    v_proj: linear(width, width),
-                    out_proj: linear(width, width),
-                    heads: self.num_attention_heads,
-                },
-                layer_norm1: LayerNorm::new(width, self.layer_norm_eps, device),
-                mlp: ClipMlp {
-                    fc1: linear(width, self.intermediate_size),
-                    fc2: linear(self.intermediate_size, width),
-                },
-                layer_norm2: LayerNorm::new(width, self.layer_norm_eps, device),
+            .map(|_| {
+                ClipEncoderLayer::new(
+                    width,
+                    self.intermediate_size,
+                    self.num_attention_heads,
+                    self.layer_norm_eps,
+                    device,
+                )
             })
             .collect();
         let embedding = |n: usize| {
             EmbeddingConfig::new(n, width)
-                .with_initializer(normal.clone())
+                .with_initializer(CLIP_INIT)
                 .init(device)
         };
         ClipTextModel {
@@ -164,6 +149,19 @@ impl ClipTextConfig {
             eos_token_id: self.eos_token_id,
         }
     }
+}
+
+/// CLIP's initialisation scale for every weight matrix and embedding.
+pub(crate) const CLIP_INIT: Initializer = Initializer::Normal {
+    mean: 0.0,
+    std: 0.02,
+};
+
+/// A Linear layer with CLIP's initialisation (and a bias, as every encoder Linear has).
+fn clip_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(CLIP_INIT)
+        .init(device)
 }
 
 #[derive(Module, Debug)]
@@ -194,7 +192,7 @@ impl<B: Backend> ClipTextModel<B> {
             + self.embeddings.position_embedding.forward(positions);
         let causal = causal_bias::<B>(len, &device);
         for layer in &self.encoder.layers {
-            h = layer.forward(h, causal.clone());
+            h = layer.forward(h, Some(causal.clone()));
         }
         let h = self.final_layer_norm.forward(h);
         let width = h.dims()[2];
@@ -260,8 +258,42 @@ pub struct ClipEncoderLayer<B: Backend> {
 }
 
 impl<B: Backend> ClipEncoderLayer<B> {
-    fn forward(&self, x: Tensor<B, 3>, causal: Tensor<B, 4>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), causal);
+    /// One pre-LN block with CLIP's initialisation; shared by the text and vision towers.
+    pub(crate) fn new(
+        width: usize,
+        intermediate: usize,
+        heads: usize,
+        layer_norm_eps: f64,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            self_attn: ClipAttention {
+                q_proj: clip_linear(width, width, device),
+                k_proj: clip_linear(width, width, device),
+                v_proj: clip_linear(width, width, device),
+                out_proj: clip_linear(width, width, device),
+                heads,
+            },
+            layer_norm1: LayerNorm::new(width, layer_norm_eps, device),
+            mlp: ClipMlp {
+                fc1: clip_linear(width, intermediate, device),
+                fc2: clip_linear(intermediate, width, device),
+            },
+            layer_norm2: LayerNorm::new(width, layer_norm_eps, device),
+        }
+    }
+
+    /// `score_bias`: the text tower's causal mask; the vision tower has none (every patch sees
+    /// every other).
+    pub(crate) fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        score_bias: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.layer_norm1.forward(x), score_bias);
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 }
@@ -276,12 +308,12 @@ pub struct ClipAttention<B: Backend> {
 }
 
 impl<B: Backend> ClipAttention<B> {
-    fn forward(&self, x: Tensor<B, 3>, causal: Tensor<B, 4>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, score_bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.heads);
         let v = split_heads(self.v_proj.forward(x), self.heads);
         self.out_proj
-            .forward(merge_heads(attention(q, k, v, Some(causal))))
+            .forward(merge_heads(attention(q, k, v, score_bias)))
     }
 }
 
