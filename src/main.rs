@@ -94,6 +94,9 @@ enum Command {
               requires = "out", conflicts_with = "out_dir", value_name = "SCALES")]
         cfg_sweep: Option<Vec<f64>>,
     },
+    /// FID against the dataset's statistics and CLIP score of a checkpoint's EMA weights: one
+    /// JSON line per guidance scale (stdout) and a table (stderr).
+    Eval(EvalArgs),
     /// Print what a job file, checkpoint or shard folder holds, as JSON; or look inside a
     /// model (`ditrun inspect similarity --help`, `ditrun inspect cross-attention --help`).
     #[command(args_conflicts_with_subcommands = true)]
@@ -107,6 +110,41 @@ enum Command {
     /// Time full training steps of the seed model (loss, backward, AdamW) and print one JSON
     /// line with images/s.
     Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A checkpoint (`.../step-000001000`) or a checkpoint folder (its latest).
+    #[arg(long)]
+    checkpoint: String,
+    /// Generated images, balanced over the dataset's captions (default: the job's eval.samples).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Guidance scales, comma-separated: one FID each (default: the job's eval.cfg).
+    #[arg(long, value_delimiter = ',')]
+    cfg: Vec<f64>,
+    /// Sampler integration steps (default: the job's eval.steps).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images per forward pass.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// The FID Inception's weights, any weights location (default: the job's eval.inception_weights).
+    #[arg(long)]
+    inception_weights: Option<String>,
+    /// The CLIP file (vision tower and projections) for the CLIP score (default: eval.clip_weights,
+    /// else text_encoder.weights; no score without either).
+    #[arg(long)]
+    clip_weights: Option<String>,
+    /// The dataset FID compares with (default: the job's data.shards); its statistics are stored
+    /// beside its shards as fid-stats.safetensors the first time.
+    #[arg(long)]
+    shards: Option<String>,
+    /// Real images behind the dataset's statistics; 0 = all (default: eval.reference_samples).
+    #[arg(long)]
+    reference_samples: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -361,6 +399,43 @@ fn sample(
     Ok(written)
 }
 
+/// `ditrun eval`: FID and CLIP score per guidance scale, as JSON lines and a table.
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let world = World::from_env()?;
+    set_cpu_threads(world.default_cpu_threads());
+    let trained = TrainedCheckpoint::load(&args.checkpoint)?;
+    let timeout = Duration::from_secs_f64(trained.job.dist.timeout_secs);
+    let collective = ditrun::dist::connect(&world, timeout, None)?;
+    let request = ditrun::eval::EvalRequest {
+        samples: args.samples,
+        cfg: args.cfg,
+        steps: args.steps,
+        seed: args.seed,
+        batch_size: args.batch_size,
+        inception_weights: args.inception_weights,
+        clip_weights: args.clip_weights,
+        shards: args.shards,
+        reference_samples: args.reference_samples,
+    };
+    let reports = ditrun::with_backend!(trained.backend()?, B =>
+        ditrun::eval::eval_checkpoint::<B>(&trained, &request, collective.as_ref()))?;
+    if reports.is_empty() {
+        return Ok(());
+    }
+    eprintln!("  cfg  samples        FID  CLIP score   seconds");
+    for report in &reports {
+        let clip = report
+            .clip_score
+            .map_or("-".to_string(), |score| format!("{score:.3}"));
+        eprintln!(
+            "{:5} {:8} {:10.4} {:>11} {:9.1}",
+            report.cfg, report.samples, report.fid, clip, report.secs
+        );
+        println!("{}", serde_json::to_string(report)?);
+    }
+    Ok(())
+}
+
 /// `ditrun inspect <view>`: looks inside a trained model (or its text encoder) and prints, and
 /// with `--out` draws, what it found.
 fn inspect_model(view: InspectView) -> anyhow::Result<()> {
@@ -607,6 +682,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mpirun_args,
             command,
         )?,
+        Command::Eval(args) => eval(args)?,
         Command::Sample {
             checkpoint,
             prompts,

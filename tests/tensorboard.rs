@@ -3,9 +3,8 @@
 //! log dirs, by parsing the uploaded object's TFRecord framing here.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ditrun::metrics::proto::{event, summary, Event};
@@ -14,46 +13,9 @@ use object_store::ObjectStoreExt;
 use prost::Message;
 use serde_json::Value;
 
-const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+mod common;
 
-/// `DITRUN_PYTHON`, or the venv that scripts/python-venv.sh creates (once per test binary;
-/// the script itself locks against other binaries doing the same).
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        if let Some(python) = std::env::var_os("DITRUN_PYTHON") {
-            return python.into();
-        }
-        let script = Path::new(MANIFEST_DIR).join("scripts/python-venv.sh");
-        let output = Command::new("bash").arg(&script).output().unwrap();
-        assert!(
-            output.status.success(),
-            "{} failed:\n{}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-    })
-}
-
-fn read_with_tensorboard(run_dir: &Path) -> Value {
-    run_reader(&[run_dir.as_os_str()])
-}
-
-fn run_reader(args: &[&std::ffi::OsStr]) -> Value {
-    let reader = Path::new(MANIFEST_DIR).join("tests/tensorboard_read.py");
-    let output = Command::new(python())
-        .arg(reader)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "tensorboard_read.py failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
+use common::{python, read_with_tensorboard, run_reader};
 
 /// A 32×32 image whose pixels depend on its index, so cells of a grid are distinguishable.
 fn test_image(index: usize, channels: usize) -> Vec<u8> {

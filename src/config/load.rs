@@ -10,8 +10,8 @@ use serde_norway::{Mapping, Value};
 
 use super::keylines::key_lines;
 use super::spec::{
-    CheckpointSpec, DataSpec, DistSpec, JobSpec, LoggingSpec, SampleSpec, TextEncoderSpec,
-    TrainSpec,
+    CheckpointSpec, DataSpec, DistSpec, EvalSpec, JobSpec, LoggingSpec, SampleSpec,
+    TextEncoderSpec, TrainSpec,
 };
 use crate::error::{Error, Result};
 use crate::model::TextDiTConfig;
@@ -137,6 +137,8 @@ struct FileShape {
     logging: LoggingSpec,
     #[serde(default)]
     sample: SampleSpec,
+    #[serde(default)]
+    eval: EvalSpec,
     #[serde(default)]
     dist: DistSpec,
 }
@@ -367,7 +369,14 @@ fn merge(base: &mut Value, overlay: Value) {
 
 /// The default spec as a value: shows which keys are sections (mappings).
 fn skeleton() -> Value {
-    serde_norway::to_value(JobSpec::default()).expect("the default spec serialises")
+    let mut skeleton =
+        serde_norway::to_value(JobSpec::default()).expect("the default spec serialises");
+    // `eval` is left out of a spec's YAML while off; it is a section all the same.
+    if let Value::Mapping(sections) = &mut skeleton {
+        let eval = serde_norway::to_value(EvalSpec::default()).expect("serialises");
+        sections.insert(Value::from("eval"), eval);
+    }
+    skeleton
 }
 
 /// An empty section (`model:` with nothing under it) means "nothing set here", not "null";

@@ -9,6 +9,6 @@ mod text_encoder;
 
 pub use load::{load_job, location_url, QUICKSTART_JOB};
 pub use spec::{
-    BackendChoice, CheckpointSpec, DataSpec, DatasetKind, DistSpec, JobSpec, LoggingSpec,
+    BackendChoice, CheckpointSpec, DataSpec, DatasetKind, DistSpec, EvalSpec, JobSpec, LoggingSpec,
     OnNonFinite, PrepareSpec, SampleSpec, Split, TextEncoderSpec, TrainSpec,
 };

@@ -39,6 +39,100 @@ pub struct JobSpec {
     pub logging: LoggingSpec,
     pub sample: SampleSpec,
     pub dist: DistSpec,
+    /// FID and CLIP score during training; left out of the effective YAML (and its hash)
+    /// while untouched, so jobs without it hash as before.
+    #[serde(skip_serializing_if = "EvalSpec::is_default")]
+    pub eval: EvalSpec,
+}
+
+/// FID against the dataset's statistics and the CLIP score, on EMA samples drawn with the
+/// dataset's captions (balanced), every `every_steps` steps and/or at the end.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSpec {
+    /// Evaluate every N steps; 0 turns periodic evaluation off.
+    pub every_steps: u64,
+    /// Also evaluate once after the last step.
+    pub at_end: bool,
+    /// Generated images per evaluation, over all ranks (10,000 in papers; fewer for a trend).
+    pub samples: usize,
+    /// Guidance scales: one FID (`eval/fid_cfg_<w>`) per scale; the first is `eval/fid`.
+    pub cfg: Vec<f64>,
+    /// Integration steps of the sampler.
+    pub steps: usize,
+    /// Seeds the noise, so that evaluations at different steps compare.
+    pub seed: u64,
+    /// Images per forward pass of the networks.
+    pub batch_size: usize,
+    /// The FID Inception's weights (pytorch-fid's pt_inception-2015-12-05 as safetensors), any
+    /// weights location. Required when evaluating.
+    pub inception_weights: String,
+    /// The CLIP file with the vision tower and projections for the CLIP score; unset =
+    /// text_encoder.weights; no score when neither is set.
+    pub clip_weights: Option<String>,
+    /// Real images the dataset's statistics use (stored beside its shards); 0 = all.
+    pub reference_samples: usize,
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            at_end: false,
+            samples: 1000,
+            cfg: vec![4.0],
+            steps: 50,
+            seed: 0,
+            batch_size: 50,
+            inception_weights: String::new(),
+            clip_weights: None,
+            reference_samples: 0,
+        }
+    }
+}
+
+impl EvalSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.every_steps == 0 && !self.at_end
+    }
+
+    fn problem(&self) -> Option<(&'static str, String)> {
+        if self.is_off() {
+            return None;
+        }
+        let checks: [(bool, &'static str, String); 5] = [
+            (
+                self.inception_weights.is_empty(),
+                "eval.inception_weights",
+                "must name the FID Inception's weights when eval.every_steps or eval.at_end is set"
+                    .into(),
+            ),
+            (
+                self.samples < 2,
+                "eval.samples",
+                "must be ≥ 2 (a covariance needs two)".into(),
+            ),
+            (
+                self.cfg.is_empty(),
+                "eval.cfg",
+                "must list at least one guidance scale".into(),
+            ),
+            (self.steps == 0, "eval.steps", "must be > 0".into()),
+            (
+                self.batch_size == 0,
+                "eval.batch_size",
+                "must be > 0".into(),
+            ),
+        ];
+        first_failed(checks).or_else(|| {
+            crate::storage::weights_scheme_problem(&self.inception_weights)
+                .map(|reason| ("eval.inception_weights", reason))
+        })
+    }
 }
 
 /// Where the caption shards live, and how they are streamed.
@@ -217,6 +311,7 @@ impl Default for JobSpec {
             logging: LoggingSpec::default(),
             sample: SampleSpec::default(),
             dist: DistSpec::default(),
+            eval: EvalSpec::default(),
         }
     }
 }
@@ -348,6 +443,7 @@ impl JobSpec {
                 .or_else(|| self.output_problem())
                 .or_else(|| self.sample_problem())
                 .or_else(|| self.dist_problem())
+                .or_else(|| self.eval.problem())
         };
         self.network_problem()
             .or_else(|| job_problem().map(|(key, reason)| (key.to_string(), reason)))

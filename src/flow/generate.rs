@@ -118,6 +118,48 @@ pub fn generate_recording<B: Backend, C: CaptionContexts>(
     (images, recorded)
 }
 
+/// Images in [0, 1] (`[N, C, H, W]`, rounded to 8-bit levels, as saved images are) for
+/// `captions[i]` from noise drawn with `seeds[i]` alone: an image does not depend on which
+/// other images share its batch, so ranks can split a set of samples any way.
+pub fn generate_per_seed<B: Backend, C: CaptionContexts>(
+    model: &TextConditionalDiT<B>,
+    cache: &mut C,
+    captions: &[&str],
+    seeds: &[u64],
+    options: &SampleOptions,
+) -> Tensor<B, 4> {
+    assert_eq!(captions.len(), seeds.len(), "one seed per caption");
+    let device = model.final_norm.weight.device();
+    let (c, s) = (model.channels, model.image_size);
+    let noise: Vec<f32> = seeds
+        .iter()
+        .flat_map(|&seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..c * s * s)
+                .map(move |_| rand::Rng::sample::<f32, _>(&mut rng, rand_distr::StandardNormal))
+        })
+        .collect();
+    let (context, mask) = cache.contexts::<B>(captions, &device);
+    let (null_context, null_mask) = cache.contexts::<B>(&[""], &device);
+    let guidance = Guidance {
+        context,
+        mask,
+        null_context,
+        null_mask,
+        scale: options.cfg,
+    };
+    let x_init = Tensor::from_data(TensorData::new(noise, [captions.len(), c, s, s]), &device);
+    let (images, _) = sample_recording(
+        model,
+        x_init,
+        &guidance,
+        options.steps,
+        options.sampler,
+        &[],
+    );
+    ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 255.0
+}
+
 /// One image per (prompt, scale) with the same seed, so every column starts from the same
 /// noise and differs only in its guidance: `result[scale][prompt]`.
 pub fn cfg_sweep<B: Backend, C: CaptionContexts>(

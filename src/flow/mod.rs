@@ -10,7 +10,8 @@ mod loss;
 mod sampler;
 
 pub use generate::{
-    cfg_sweep, generate, generate_recording, CaptionContexts, GeneratedImage, SampleOptions,
+    cfg_sweep, generate, generate_per_seed, generate_recording, CaptionContexts, GeneratedImage,
+    SampleOptions,
 };
 pub use loss::{drop_captions, flow_matching_loss, FlowBatch};
 pub use sampler::{

@@ -71,6 +71,9 @@ impl<AB: AutodiffBackend> Component<AB> for Checkpointer {
                 serde_json::to_value(trainer.loss_guard_record())
                     .expect("finite numbers and counts serialise"),
             );
+            if let Some(reports) = &at.evaluated {
+                extra.insert("eval".to_string(), super::evaluation::reports_json(reports));
+            }
         }
         // The store runs one save at a time: this waits for the previous one and returns its
         // error, if any; `finish` reports the last.

@@ -27,6 +27,8 @@ pub struct AfterStep<'t, 'a, AB: AutodiffBackend> {
     pub trainer: &'t mut Trainer<'a, AB>,
     /// The run's TensorBoard writer (rank 0, when `logging.dir` is set).
     pub events: Option<&'t mut EventWriter>,
+    /// This step's evaluation reports (rank 0, when one ran), for the checkpoint's state.
+    pub evaluated: Option<Vec<crate::eval::EvalReport>>,
 }
 
 /// Where a run's outputs went, filled in by the components' `finish`.

@@ -4,12 +4,13 @@
 //!
 //! Layout: `trainer.rs` sets a run up once (`setup.rs`: shards, text cache, starting state)
 //! and takes one step at a time; `component.rs` is what runs around the steps, one file per
-//! component (`logger.rs`, `sampler.rs`, `checkpointer.rs`), each owning its config section
+//! component (`logger.rs`, `sampler.rs`, `evaluation.rs`, `checkpointer.rs`), each owning its config section
 //! and cadence; [`run`] below drives them. `randomness.rs` draws each step's noise ahead;
 //! `params.rs` and `schedule.rs` are a step's arithmetic.
 
 mod checkpointer;
 mod component;
+mod evaluation;
 mod logger;
 mod loss_guard;
 mod params;
@@ -41,6 +42,7 @@ use crate::dist::{ensure_same_on_all_ranks, parameter_digest, Collective, Single
 use crate::error::{Error, Result};
 use crate::kernels::autocast::Precision;
 use checkpointer::Checkpointer;
+use evaluation::Evaluation;
 use logger::{open_events, Logger};
 use preemption::Preemption;
 use rank_times::RankTimes;
@@ -166,6 +168,9 @@ fn run<AB: AutodiffBackend>(
         )));
         components.extend(SampleGrids::new(job).map(|c| Box::new(c) as Box<dyn Component<AB>>));
     }
+    let ema_device = trainer.ema().final_norm.weight.device();
+    let evaluation = Evaluation::<AB::InnerBackend>::open(job, collective, &ema_device)?;
+    components.extend(evaluation.map(|c| Box::new(c) as Box<dyn Component<AB>>));
     components.extend(checkpointer.map(|c| Box::new(c) as Box<dyn Component<AB>>));
 
     let stepped = drive(&mut trainer, &mut components, events.as_mut(), stop_after);
@@ -251,6 +256,7 @@ fn drive<AB: AutodiffBackend>(
             stop_signal: None,
             trainer: &mut *trainer,
             events: events.as_deref_mut(),
+            evaluated: None,
         };
         for component in components.iter_mut() {
             component.after_step(&mut at)?;

@@ -1,8 +1,11 @@
 //! Shared by the integration tests: the reference folder and a CPU backend.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
 
 use burn::prelude::*;
 use ditrun::model::weights::SafetensorsFile;
@@ -160,4 +163,43 @@ pub fn assert_close<B: Backend, const D: usize>(
         a[at],
         e[at]
     );
+}
+
+/// `DITRUN_PYTHON`, or the venv that scripts/python-venv.sh creates (once per test binary;
+/// the script itself locks against other binaries doing the same).
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        if let Some(python) = std::env::var_os("DITRUN_PYTHON") {
+            return python.into();
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-venv.sh");
+        let output = Command::new("bash").arg(&script).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{} failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+    })
+}
+
+pub fn read_with_tensorboard(run_dir: &Path) -> Value {
+    run_reader(&[run_dir.as_os_str()])
+}
+
+pub fn run_reader(args: &[&std::ffi::OsStr]) -> Value {
+    let reader = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tensorboard_read.py");
+    let output = Command::new(python())
+        .arg(reader)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "tensorboard_read.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }

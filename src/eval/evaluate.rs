@@ -1,0 +1,406 @@
+//! One evaluation of a model: images drawn for the dataset's captions, their FID against the
+//! dataset's statistics and their CLIP score, with the work split over the ranks.
+//!
+//! Invariants:
+//! - Sample `i` of an evaluation has caption `captions[i mod len]` (balanced over the
+//!   dataset's distinct captions) and its own noise seed, derived from (seed, i) alone
+//!   ([`flow::generate_per_seed`]): the set of images does not depend on the number of ranks
+//!   or the batch size. Rank r draws samples r, r + W, ...; the features' statistics are merged
+//!   over ranks (`fid::FeatureAccumulator::merge`), so two ranks give one rank's FID up to
+//!   rounding.
+//! - A dataset's reference statistics are computed once and stored beside its shards as
+//!   `fid-stats.safetensors`, keyed by the sha256 of its `index.json`, of the Inception weights
+//!   and the number of real images used; a file that does not match is recomputed.
+//! - Every rank calls the same collectives in the same order; only rank 0 gets a report.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::prelude::*;
+use sha2::{Digest, Sha256};
+
+use super::clip_vision::{ClipScoreConfig, ClipScorer};
+use super::fid::{
+    frechet_distance, stats_from_bytes, stats_to_bytes, FeatureAccumulator, FeatureStats,
+    STATS_FILE_NAME,
+};
+use super::inception::{FidInception, FEATURES};
+use crate::data::shards::{read_index_at, read_shard_at, ShardIndex};
+use crate::dist::Collective;
+use crate::error::{Error, Result};
+use crate::flow::{generate_per_seed, CaptionContexts, SampleOptions, Sampler};
+use crate::model::weights::SafetensorsFile;
+use crate::model::TextConditionalDiT;
+use crate::storage::Location;
+
+const INDEX_KEY: &str = "dataset_index_sha256";
+const INCEPTION_KEY: &str = "inception_sha256";
+const REFERENCE_SAMPLES_KEY: &str = "reference_samples";
+
+/// What one evaluation draws.
+#[derive(Clone, Debug)]
+pub struct EvalPlan {
+    pub samples: usize,
+    pub cfg: f64,
+    pub steps: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+/// What rank 0 reports: FID, CLIP score (mean and per caption) and the time it took.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalReport {
+    pub samples: usize,
+    pub cfg: f64,
+    pub steps: usize,
+    pub seed: u64,
+    pub fid: f64,
+    /// Images of the dataset behind its reference statistics.
+    pub reference_images: u64,
+    pub clip_score: Option<f64>,
+    pub clip_score_per_caption: BTreeMap<String, f64>,
+    pub secs: f64,
+}
+
+/// The networks and the dataset's statistics, loaded once for many evaluations.
+pub struct Evaluator<B: Backend> {
+    features: FeatureExtractor<B>,
+    clip: Option<ClipScorer<B>>,
+    reference: FeatureStats,
+    captions: Vec<String>,
+}
+
+/// The Inception with the batch size and device it runs at.
+struct FeatureExtractor<B: Backend> {
+    inception: FidInception<B>,
+    batch_size: usize,
+    device: B::Device,
+}
+
+impl<B: Backend> FeatureExtractor<B> {
+    /// pool3 features of images in [0, 1], row after row.
+    fn of_tensor(&self, images: Tensor<B, 4>) -> Vec<f32> {
+        self.inception
+            .features(images)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 features")
+    }
+
+    /// Adds the features of 8-bit images (channels last, as shards hold them) to `into`.
+    fn add_images(
+        &self,
+        images: &[&[u8]],
+        size: usize,
+        channels: usize,
+        into: &mut FeatureAccumulator,
+    ) -> Result<()> {
+        for batch in images.chunks(self.batch_size) {
+            let tensor = images_from_bytes::<B>(batch, size, channels, &self.device);
+            into.add_rows(&self.of_tensor(tensor))?;
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Evaluator<B> {
+    /// Loads the Inception (and CLIP, when `clip` is given) and the dataset's reference
+    /// statistics from `<shards>/fid-stats.safetensors`, computing and storing them first when
+    /// that file is missing or was made from other data or weights (every rank takes its share
+    /// of the images; rank 0 writes the file).
+    pub fn open(
+        shards: &str,
+        inception_weights: &str,
+        clip: Option<ClipScorer<B>>,
+        reference_samples: usize,
+        batch_size: usize,
+        collective: &dyn Collective,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let inception_path = crate::storage::resolve_weights(inception_weights)?;
+        let inception_sha256 = crate::storage::weights::digest_file::<Sha256>(&inception_path)?;
+        let features = FeatureExtractor {
+            inception: FidInception::<B>::load(&inception_path.display().to_string(), device)?,
+            batch_size,
+            device: device.clone(),
+        };
+        let prefix = Location::parse(shards)?;
+        let index_file = prefix.join("index.json")?;
+        let index_bytes = index_file.get()?.ok_or_else(|| Error::Dataset {
+            file: index_file.url().to_string(),
+            reason: "not found: FID needs the dataset's images (run `ditrun prepare`)".into(),
+        })?;
+        let index = read_index_at(&prefix)?;
+        let keys = ReferenceKeys {
+            index_sha256: hex::encode(Sha256::digest(&index_bytes)),
+            inception_sha256,
+            reference_samples: reference_samples.to_string(),
+        };
+        let reference = reference_stats(
+            &features,
+            &prefix,
+            &index,
+            &keys,
+            reference_samples,
+            collective,
+        )?;
+        Ok(Self {
+            features,
+            clip,
+            reference,
+            captions: index.captions,
+        })
+    }
+
+    /// Draws `plan.samples` images with `model` (this rank's share), and on rank 0 returns
+    /// their FID and CLIP score.
+    pub fn evaluate<C: CaptionContexts>(
+        &self,
+        model: &TextConditionalDiT<B>,
+        contexts: &mut C,
+        plan: &EvalPlan,
+        collective: &dyn Collective,
+    ) -> Result<Option<EvalReport>> {
+        let started = Instant::now();
+        let options = SampleOptions {
+            cfg: plan.cfg,
+            steps: plan.steps,
+            sampler: Sampler::Euler,
+            per_prompt: 1,
+            seed: plan.seed,
+        };
+        let mine: Vec<usize> = (collective.rank()..plan.samples)
+            .step_by(collective.world_size())
+            .collect();
+        let mut features = FeatureAccumulator::new(FEATURES);
+        let mut clip_sums = vec![0.0f64; 2 * self.captions.len()];
+        for batch in mine.chunks(self.features.batch_size) {
+            let captions: Vec<&str> = batch.iter().map(|&i| self.caption_of(i)).collect();
+            let seeds: Vec<u64> = batch.iter().map(|&i| sample_seed(plan.seed, i)).collect();
+            let images = generate_per_seed(model, contexts, &captions, &seeds, &options);
+            if let Some(clip) = &self.clip {
+                for (&i, score) in batch.iter().zip(clip.clip_score(images.clone(), &captions)) {
+                    let caption = i % self.captions.len();
+                    clip_sums[2 * caption] += score as f64;
+                    clip_sums[2 * caption + 1] += 1.0;
+                }
+            }
+            features.add_rows(&self.features.of_tensor(images))?;
+        }
+        let stats = merged_over_ranks(features, collective, "FID features of the samples")?;
+        let clip_sums = summed_over_ranks(&clip_sums, collective)?;
+        if collective.rank() != 0 {
+            return Ok(None);
+        }
+        let fid = frechet_distance(&stats, &self.reference)?;
+        let per_caption: BTreeMap<String, f64> = self
+            .captions
+            .iter()
+            .enumerate()
+            .filter(|(c, _)| clip_sums[2 * c + 1] > 0.0)
+            .map(|(c, caption)| (caption.clone(), clip_sums[2 * c] / clip_sums[2 * c + 1]))
+            .collect();
+        let (total, count) = clip_sums
+            .chunks(2)
+            .fold((0.0, 0.0), |(t, n), pair| (t + pair[0], n + pair[1]));
+        Ok(Some(EvalReport {
+            samples: plan.samples,
+            cfg: plan.cfg,
+            steps: plan.steps,
+            seed: plan.seed,
+            fid,
+            reference_images: self.reference.count(),
+            clip_score: (self.clip.is_some() && count > 0.0).then(|| total / count),
+            clip_score_per_caption: per_caption,
+            secs: started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    /// FID of real images (`[N, C, H, W]` 8-bit, channels last, as shards hold them) against
+    /// the reference: how far another split, or noise, is from the dataset.
+    pub fn fid_of_images(&self, images: &[&[u8]], size: usize, channels: usize) -> Result<f64> {
+        let mut features = FeatureAccumulator::new(FEATURES);
+        self.features
+            .add_images(images, size, channels, &mut features)?;
+        frechet_distance(&features.finish()?, &self.reference)
+    }
+
+    /// Images behind the dataset's reference statistics.
+    pub fn reference_images(&self) -> u64 {
+        self.reference.count()
+    }
+
+    fn caption_of(&self, sample: usize) -> &str {
+        &self.captions[sample % self.captions.len()]
+    }
+}
+
+/// The dataset's statistics: stored ones when their keys match, else computed (every rank
+/// takes its share of the images) and stored by rank 0.
+fn reference_stats<B: Backend>(
+    features: &FeatureExtractor<B>,
+    prefix: &Location,
+    index: &ShardIndex,
+    keys: &ReferenceKeys,
+    limit: usize,
+    collective: &dyn Collective,
+) -> Result<FeatureStats> {
+    let file = prefix.join(STATS_FILE_NAME)?;
+    let expected = keys.entries();
+    // Rank 0 decides for everyone whether the stored file serves, so that no rank computes
+    // alone while the others wait.
+    let mut stored = Vec::new();
+    if collective.rank() == 0 {
+        if let Some(bytes) = file.get()? {
+            match stats_from_bytes(file.url(), &bytes, &expected) {
+                Ok(_) => stored = bytes.to_vec(),
+                Err(mismatch) => {
+                    tracing::warn!("{mismatch}: computing the dataset's FID statistics again")
+                }
+            }
+        }
+    }
+    let stored = collective.broadcast(0, stored, "stored FID statistics")?;
+    if !stored.is_empty() {
+        return Ok(stats_from_bytes(file.url(), &stored, &expected)?.stats);
+    }
+    let started = Instant::now();
+    let mut mine = FeatureAccumulator::new(FEATURES);
+    let mut seen = 0usize;
+    for shard in 0..index.shards.len() {
+        if limit > 0 && seen >= limit {
+            break;
+        }
+        let samples = read_shard_at(prefix, index, shard)?;
+        let wanted: Vec<&[u8]> = samples
+            .iter()
+            .enumerate()
+            .map(|(i, sample)| (seen + i, sample))
+            .filter(|(n, _)| limit == 0 || *n < limit)
+            .filter(|(n, _)| n % collective.world_size() == collective.rank())
+            .map(|(_, sample)| sample.pixels.as_slice())
+            .collect();
+        seen += samples.len();
+        features.add_images(&wanted, index.image_size, index.channels, &mut mine)?;
+    }
+    let stats = merged_over_ranks(mine, collective, "FID reference features")?;
+    tracing::info!(
+        images = stats.count(),
+        secs = started.elapsed().as_secs_f64(),
+        file = file.url(),
+        "computed the dataset's FID statistics"
+    );
+    if collective.rank() == 0 {
+        file.put(stats_to_bytes(&stats, &expected)?)?;
+    }
+    Ok(stats)
+}
+
+struct ReferenceKeys {
+    index_sha256: String,
+    inception_sha256: String,
+    reference_samples: String,
+}
+
+impl ReferenceKeys {
+    fn entries(&self) -> Vec<(&str, &str)> {
+        vec![
+            (INDEX_KEY, self.index_sha256.as_str()),
+            (INCEPTION_KEY, self.inception_sha256.as_str()),
+            (REFERENCE_SAMPLES_KEY, self.reference_samples.as_str()),
+        ]
+    }
+}
+
+/// The noise seed of sample `i` of an evaluation seeded `seed` (splitmix64 of both).
+fn sample_seed(seed: u64, sample: usize) -> u64 {
+    let mut z = seed ^ (sample as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// 8-bit images, channels last, as a `[N, C, H, W]` tensor in [0, 1].
+pub fn images_from_bytes<B: Backend>(
+    images: &[&[u8]],
+    size: usize,
+    channels: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let mut values = vec![0f32; images.len() * channels * size * size];
+    for (n, image) in images.iter().enumerate() {
+        for p in 0..size * size {
+            for c in 0..channels {
+                values[((n * channels + c) * size * size) + p] =
+                    image[p * channels + c] as f32 / 255.0;
+            }
+        }
+    }
+    Tensor::from_data(
+        TensorData::new(values, [images.len(), channels, size, size]),
+        device,
+    )
+}
+
+/// Every rank's accumulator merged (each rank's bytes have the same size for one dimension).
+fn merged_over_ranks(
+    mine: FeatureAccumulator,
+    collective: &dyn Collective,
+    what: &str,
+) -> Result<FeatureStats> {
+    if collective.world_size() == 1 {
+        return mine.finish();
+    }
+    let all = collective.all_gather(&mine.to_bytes()?, what)?;
+    let mut merged = FeatureAccumulator::new(mine.dim());
+    for (rank, bytes) in all.iter().enumerate() {
+        merged.merge(FeatureAccumulator::from_bytes(
+            &format!("rank {rank}'s {what}"),
+            bytes,
+        )?)?;
+    }
+    merged.finish()
+}
+
+fn summed_over_ranks(values: &[f64], collective: &dyn Collective) -> Result<Vec<f64>> {
+    if collective.world_size() == 1 {
+        return Ok(values.to_vec());
+    }
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let all = collective.all_gather(&bytes, "CLIP score sums")?;
+    let mut sums = vec![0.0; values.len()];
+    for rank_bytes in all {
+        for (sum, chunk) in sums.iter_mut().zip(rank_bytes.chunks_exact(8)) {
+            *sum += f64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        }
+    }
+    Ok(sums)
+}
+
+/// CLIP for the score, from `weights` (`None`: no score). A Hugging Face `config.json` beside
+/// a local weights file gives the sizes; without one they are openai/clip-vit-base-patch32's.
+pub fn clip_scorer<B: Backend>(
+    weights: Option<&str>,
+    device: &B::Device,
+) -> Result<Option<ClipScorer<B>>> {
+    let Some(weights) = weights else {
+        return Ok(None);
+    };
+    let path = crate::storage::resolve_weights(weights)?;
+    let config_path = path.with_file_name("config.json");
+    let config = match std::fs::read_to_string(&config_path) {
+        Ok(text) => {
+            let json = serde_json::from_str(&text).map_err(|e| {
+                Error::Config(format!(
+                    "{}: not a Hugging Face CLIP config: {e}",
+                    config_path.display()
+                ))
+            })?;
+            ClipScoreConfig::from_hf_json(&json)
+        }
+        Err(_) => ClipScoreConfig::default(),
+    };
+    let file = SafetensorsFile::read(&path)?;
+    ClipScorer::from_file(&file, &config, device).map(Some)
+}
