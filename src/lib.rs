@@ -10,8 +10,9 @@
 //!   `viz` (pictures drawn from pixels and numbers), `config` (job specs), `dist` (ranks,
 //!   collectives, the launcher), `optim` (AdamW);
 //! - `training_state` (what a checkpoint holds for training: model, EMA, optimizer, job);
-//! - `train` (the trainer and the components around its steps), `sample`, `probe`,
-//!   `inspect` and `bench` (the subcommands of those names).
+//! - `sample`, `eval` (FID and CLIP score; `ditrun eval` reads checkpoints through `sample`),
+//!   `train` (the trainer and the components around its steps, evaluation among them),
+//!   `probe`, `inspect` and `bench` (the subcommands of those names).
 //!
 //! Modules depend on each other without cycles: each uses only modules of its own line or an
 //! earlier one, and `viz` is a leaf that draws what its callers computed. Library code is

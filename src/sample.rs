@@ -43,6 +43,7 @@ impl TrainedCheckpoint {
     /// The EMA weights and the job's caption cache on `B` (with no pretrained text encoder
     /// configured, the same seeded initialisation as in training).
     pub fn ema_model<B: Backend>(&self) -> Result<(TextConditionalDiT<B>, TextEmbeddingCache<B>)> {
+        crate::training_state::ensure_same_text_encoder(&self.checkpoint, &self.job)?;
         let device = burn::tensor::Device::<B>::default();
         let model = crate::training_state::model_from_checkpoint::<B>(
             &self.checkpoint,

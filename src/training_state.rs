@@ -29,6 +29,47 @@ pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 /// Key of the effective job YAML in the checkpoint state's `extra`.
 pub const JOB_KEY: &str = "job_yaml";
+/// Key of the text encoder's identity ([`text_encoder_identity`]) in the state's `extra`.
+pub const TEXT_ENCODER_KEY: &str = "text_encoder";
+
+/// Which text encoder a job conditions on: `sha256:<hex>` of its weights file, or the seeded
+/// random initialisation it starts from when `text_encoder.weights` is unset. A model sampled
+/// with another encoder draws noise, so checkpoints record this and readers compare it.
+pub fn text_encoder_identity(job: &JobSpec) -> Result<String> {
+    match job.text_encoder.weights.as_deref() {
+        Some(weights) => {
+            let path = crate::storage::resolve_weights(weights)?;
+            let digest = crate::storage::weights::digest_file::<Sha256>(&path)?;
+            Ok(format!("sha256:{digest}"))
+        }
+        None => Ok(format!("random-init seed {}", job.train.seed)),
+    }
+}
+
+/// Refuses a checkpoint whose text encoder is not the one `job` loads now (checkpoints of
+/// earlier versions record none and pass).
+pub fn ensure_same_text_encoder(checkpoint: &LoadedCheckpoint, job: &JobSpec) -> Result<()> {
+    let Some(recorded) = checkpoint
+        .state
+        .extra
+        .get(TEXT_ENCODER_KEY)
+        .and_then(|v| v.as_str())
+    else {
+        return Ok(());
+    };
+    let now = text_encoder_identity(job)?;
+    if recorded == now {
+        return Ok(());
+    }
+    Err(Error::Checkpoint {
+        checkpoint: checkpoint.url.clone(),
+        reason: format!(
+            "trained with the text encoder {recorded}, but text_encoder.weights ({}) now gives              {now}: its captions would condition the model on embeddings it never saw",
+            job.text_encoder.weights.as_deref().unwrap_or("unset")
+        ),
+    })
+}
+
 /// Key of the loss guard's memory ([`LossGuardRecord`]) in the checkpoint state's `extra`.
 pub const LOSS_GUARD_KEY: &str = "loss_guard";
 

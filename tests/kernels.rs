@@ -192,11 +192,14 @@ fn check_adaln<B: AutodiffBackend>() {
             assert_close(&format!("adaln {:?} forward", [b, n, d]), y, y_ref, 1e-5);
             for (i, (g, g_ref)) in grads.into_iter().zip(grads_ref).enumerate() {
                 if let (Some(g), Some(g_ref)) = (g, g_ref) {
+                    // Both sides are f32 with different summation orders over 256 features
+                    // of inputs centred at 1.5 with std 3: 2.0e-5 to 2.4e-5 was seen on some
+                    // random draws (CI, 2026-11-30), so 2e-5 failed about one run in three.
                     assert_close(
                         &format!("adaln {:?} gradient {i} with {needs:?}", [b, n, d]),
                         g,
                         g_ref,
-                        2e-5,
+                        5e-5,
                     );
                 }
             }

@@ -233,3 +233,43 @@ fn a_job_prepares_fashion_mnist_on_first_use_and_trains_on_it() {
         .captions
         .contains(&"a photo of an ankle boot".to_string()));
 }
+
+#[test]
+fn sampling_refuses_a_checkpoint_whose_text_encoder_weights_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("clip-text.safetensors");
+    std::fs::copy(
+        common::reference_dir().join("clip_tiny/model.safetensors"),
+        &weights,
+    )
+    .unwrap();
+    let mut job = tiny_job(dir.path(), 2);
+    job.text_encoder.weights = Some(weights.display().to_string());
+    job.sample.at_end = false;
+    train(&job, &Resume::Never).unwrap();
+
+    let load = || {
+        ditrun::sample::TrainedCheckpoint::load(&format!("{}/checkpoints", dir.path().display()))
+            .unwrap()
+    };
+    let sample = |checkpoint: &ditrun::sample::TrainedCheckpoint| {
+        checkpoint
+            .ema_model::<common::TestBackend>()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    sample(&load()).expect("the encoder it trained with");
+
+    // Another CLIP text tower of the same sizes behind the same location.
+    std::fs::copy(
+        common::reference_dir().join("clip_score_tiny/model.safetensors"),
+        &weights,
+    )
+    .unwrap();
+    let message = sample(&load()).expect_err("another encoder");
+    assert!(
+        message.contains("trained with the text encoder sha256:")
+            && message.contains(&weights.display().to_string()),
+        "{message}"
+    );
+}

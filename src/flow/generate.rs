@@ -77,15 +77,7 @@ pub fn generate_recording<B: Backend, C: CaptionContexts>(
     if captions.is_empty() {
         return (Vec::new(), Vec::new());
     }
-    let (context, mask) = cache.contexts::<B>(&captions, &device);
-    let (null_context, null_mask) = cache.contexts::<B>(&[""], &device);
-    let guidance = Guidance {
-        context,
-        mask,
-        null_context,
-        null_mask,
-        scale: options.cfg,
-    };
+    let guidance = guidance_for(cache, &captions, options.cfg, &device);
     let (c, s) = (model.channels, model.image_size);
     let mut rng = StdRng::seed_from_u64(options.seed);
     let noise: Vec<f32> = (0..captions.len() * c * s * s)
@@ -139,15 +131,7 @@ pub fn generate_per_seed<B: Backend, C: CaptionContexts>(
                 .map(move |_| rand::Rng::sample::<f32, _>(&mut rng, rand_distr::StandardNormal))
         })
         .collect();
-    let (context, mask) = cache.contexts::<B>(captions, &device);
-    let (null_context, null_mask) = cache.contexts::<B>(&[""], &device);
-    let guidance = Guidance {
-        context,
-        mask,
-        null_context,
-        null_mask,
-        scale: options.cfg,
-    };
+    let guidance = guidance_for(cache, captions, options.cfg, &device);
     let x_init = Tensor::from_data(TensorData::new(noise, [captions.len(), c, s, s]), &device);
     let (images, _) = sample_recording(
         model,
@@ -158,6 +142,24 @@ pub fn generate_per_seed<B: Backend, C: CaptionContexts>(
         &[],
     );
     ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 255.0
+}
+
+/// `captions`' contexts and the empty caption's, guided with `scale`.
+fn guidance_for<B: Backend, C: CaptionContexts>(
+    cache: &mut C,
+    captions: &[&str],
+    scale: f64,
+    device: &B::Device,
+) -> Guidance<B> {
+    let (context, mask) = cache.contexts::<B>(captions, device);
+    let (null_context, null_mask) = cache.contexts::<B>(&[""], device);
+    Guidance {
+        context,
+        mask,
+        null_context,
+        null_mask,
+        scale,
+    }
 }
 
 /// One image per (prompt, scale) with the same seed, so every column starts from the same

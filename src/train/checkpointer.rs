@@ -13,13 +13,16 @@ use crate::config::JobSpec;
 use crate::dist::World;
 use crate::error::Result;
 use crate::storage::Location;
-use crate::training_state::{JobRecord, TrainingState, LOSS_GUARD_KEY};
+use crate::training_state::{
+    text_encoder_identity, JobRecord, TrainingState, LOSS_GUARD_KEY, TEXT_ENCODER_KEY,
+};
 
 pub struct Checkpointer {
     store: CheckpointStore,
     every_steps: u64,
     world_size: usize,
     job: JobRecord,
+    text_encoder: String,
     last: Option<String>,
 }
 
@@ -39,6 +42,7 @@ impl Checkpointer {
             every_steps: job.checkpoint.every_steps,
             world_size: world.world_size,
             job: JobRecord::of(job),
+            text_encoder: text_encoder_identity(job)?,
             last: None,
         }))
     }
@@ -66,6 +70,10 @@ impl<AB: AutodiffBackend> Component<AB> for Checkpointer {
         )?;
         state.world_size = self.world_size;
         if let Some(extra) = state.extra.as_object_mut() {
+            extra.insert(
+                TEXT_ENCODER_KEY.to_string(),
+                self.text_encoder.clone().into(),
+            );
             extra.insert(
                 LOSS_GUARD_KEY.to_string(),
                 serde_json::to_value(trainer.loss_guard_record())
