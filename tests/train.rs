@@ -76,12 +76,13 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     job.train.grad_clip = 0.0;
     job.checkpoint.every_steps = 1;
     let error = train(&job, &Resume::Never).unwrap_err().to_string();
+    // "training: step 4: the loss became NaN (train.on_nonfinite: stop); stopping. ..."
     assert!(
-        error.contains("loss became") && error.contains("at step"),
+        error.contains("the loss became") && error.contains("train.on_nonfinite: stop"),
         "{error}"
     );
     let failed_step: u64 = error
-        .split("at step ")
+        .split("step ")
         .nth(1)
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
