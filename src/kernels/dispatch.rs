@@ -18,7 +18,7 @@ use burn::tensor::TensorPrimitive;
 use super::cpu::CpuF32;
 use super::elementwise::{self, Activation, GELU, SILU};
 use super::{
-    adaln, attention as fused_attention, autocast, linear as fused_linear, reference,
+    adaln, attention as fused_attention, autocast, conv, linear as fused_linear, pool, reference,
     token_attention,
 };
 
@@ -490,4 +490,103 @@ pub fn linear_layer<B: Backend, const D: usize>(
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
     linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
+/// `max(conv2d(x, weight) + bias, 0)` for inference, with no autodiff graph (zero padding, no
+/// dilation, one group): on the kernels' CPU backends one multi-threaded matrix product per
+/// group of images (`conv`), elsewhere burn's `conv2d`.
+pub fn conv2d_relu<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Tensor<B, 1>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Tensor<B, 4> {
+    let [batch, in_channels, height, width] = x.dims();
+    let [out_channels, _, kh, kw] = weight.dims();
+    let shape = conv::ConvShape {
+        batch,
+        in_channels,
+        height,
+        width,
+        out_channels,
+        kernel: [kh, kw],
+        stride,
+        padding,
+    };
+    let (x, weight, bias) = (primitive(x), primitive(weight), primitive(bias));
+    if fused() && is_host_backend::<B>() {
+        let output = match (
+            host_values::<B>(&x),
+            host_values::<B>(&weight),
+            host_values::<B>(&bias),
+        ) {
+            (Some(x), Some(w), Some(b)) => Some(conv::forward(&x, &w, Some(&b), shape, true)),
+            _ => None,
+        };
+        let [out_h, out_w] = shape.output_size();
+        let dims = burn::tensor::Shape::new([batch, out_channels, out_h, out_w]);
+        if let Some(y) = output.and_then(|values| host_tensor::<B>(values, dims)) {
+            return tensor(y);
+        }
+    }
+    let options = burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], 1);
+    let y = burn::tensor::module::conv2d(tensor(x), tensor(weight), Some(tensor(bias)), options);
+    burn::tensor::activation::relu(y)
+}
+
+/// `max_pool2d` (no dilation): on the kernels' CPU backends one plane per thread-pool task.
+pub fn max_pool2d<B: Backend>(
+    x: Tensor<B, 4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Tensor<B, 4> {
+    host_pool(x, kernel, stride, padding, pool::Pool::Max).unwrap_or_else(|x| {
+        burn::tensor::module::max_pool2d(x, kernel, stride, padding, [1, 1], false)
+    })
+}
+
+/// `avg_pool2d` with `count_include_pad=False`: the mean of each window's cells inside the
+/// image (TensorFlow's and pytorch-fid's pool branches).
+pub fn avg_pool2d_valid<B: Backend>(
+    x: Tensor<B, 4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> Tensor<B, 4> {
+    host_pool(x, kernel, stride, padding, pool::Pool::AverageValid).unwrap_or_else(|x| {
+        burn::tensor::module::avg_pool2d(x, kernel, stride, padding, false, false)
+    })
+}
+
+/// The host kernel's pooling, or `Err(x)` back when `B` is not one of its backends.
+fn host_pool<B: Backend>(
+    x: Tensor<B, 4>,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    kind: pool::Pool,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    if !(fused() && is_host_backend::<B>()) {
+        return Err(x);
+    }
+    let [batch, channels, height, width] = x.dims();
+    let shape = pool::PoolShape {
+        planes: batch * channels,
+        height,
+        width,
+        kernel,
+        stride,
+        padding,
+    };
+    let x = primitive(x);
+    let Some(values) = host_values::<B>(&x).map(|v| pool::forward(&v, shape, kind)) else {
+        return Err(tensor(x));
+    };
+    let [out_h, out_w] = shape.output_size();
+    let dims = burn::tensor::Shape::new([batch, channels, out_h, out_w]);
+    host_tensor::<B>(values, dims)
+        .map(tensor)
+        .ok_or_else(|| tensor(x))
 }

@@ -12,18 +12,21 @@ pub mod adamw;
 mod attention;
 pub mod autocast;
 pub mod blas;
+mod conv;
 mod cpu;
 mod device_attention;
 mod dispatch;
 mod elementwise;
 mod linear;
 pub mod math;
+mod pool;
 pub mod reference;
 mod token_attention;
 
 pub use device_attention::attention_autodiff;
 pub use dispatch::{
-    adaln_modulate, attention, fused, gelu, host_tensor, host_values, is_host_backend, linear,
-    linear_layer, multi_head_attention, packed_self_attention, set_fused, silu,
+    adaln_modulate, attention, avg_pool2d_valid, conv2d_relu, fused, gelu, host_tensor,
+    host_values, is_host_backend, linear, linear_layer, max_pool2d, multi_head_attention,
+    packed_self_attention, set_fused, silu,
 };
 pub use linear::{matmul, Matrix};
