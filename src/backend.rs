@@ -217,3 +217,21 @@ pub fn flush_subnormals_to_zero() {
         _mm_setcsr(_mm_getcsr() | FLUSH_TO_ZERO | DENORMALS_ARE_ZERO);
     }
 }
+
+/// Local rank i takes the i-th visible GPU; CPU backends have one device.
+pub fn rank_device<B: burn::tensor::backend::Backend>(
+    world: &crate::dist::World,
+    gpu: bool,
+) -> crate::error::Result<B::Device> {
+    use burn::tensor::backend::{Device as _, DeviceId};
+    let default = B::Device::default();
+    if !gpu {
+        return Ok(default);
+    }
+    let id = default.to_id();
+    let ordinal = world.gpu_ordinal(B::device_count(id.type_id))?;
+    Ok(B::Device::from_id(DeviceId {
+        type_id: id.type_id,
+        index_id: ordinal as u16,
+    }))
+}

@@ -418,7 +418,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         reference_samples: args.reference_samples,
     };
     let reports = ditrun::with_backend!(trained.backend()?, B =>
-        ditrun::eval::eval_checkpoint::<B>(&trained, &request, collective.as_ref()))?;
+        ditrun::eval::eval_checkpoint::<B>(&trained, &request, &world, collective.as_ref()))?;
     if reports.is_empty() {
         return Ok(());
     }

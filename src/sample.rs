@@ -43,8 +43,16 @@ impl TrainedCheckpoint {
     /// The EMA weights and the job's caption cache on `B` (with no pretrained text encoder
     /// configured, the same seeded initialisation as in training).
     pub fn ema_model<B: Backend>(&self) -> Result<(TextConditionalDiT<B>, TextEmbeddingCache<B>)> {
+        self.ema_model_on::<B>(&Default::default())
+    }
+
+    /// [`ema_model`](Self::ema_model) on `device` (a rank's own GPU).
+    pub fn ema_model_on<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<(TextConditionalDiT<B>, TextEmbeddingCache<B>)> {
         crate::training_state::ensure_same_text_encoder(&self.checkpoint, &self.job)?;
-        let device = burn::tensor::Device::<B>::default();
+        let device = device.clone();
         let model = crate::training_state::model_from_checkpoint::<B>(
             &self.checkpoint,
             &self.job.model,

@@ -5,9 +5,11 @@
 //! Layout: `<url>/step-000001000/` holds the given files, then `state.json` (this state with
 //! every file's size and sha256), then, written last, `COMMIT` (the sha256 of `state.json`).
 //! A step folder without `COMMIT` is an interrupted save and is never loaded or "latest".
+//! `<url>/best.json` names the best step by an evaluation metric when a run keeps one apart.
 //! The folder is a [`Location`](crate::storage::Location): every store operation goes through
 //! it, so checkpoints accept exactly the paths and URLs the rest of the crate does.
 
+mod best;
 mod layout;
 mod load;
 mod remote;
@@ -21,6 +23,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use best::{BestCheckpoint, BestMetric, BEST_FILE};
 pub use layout::{parse_step_dir, step_dir_name, COMMIT_FILE, STATE_FILE};
 pub use remote::StepFolder;
 pub use retention::steps_to_delete;

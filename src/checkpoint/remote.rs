@@ -111,12 +111,7 @@ impl Remote {
 
     /// Every step folder under the checkpoint URL, with whether it holds `COMMIT`, by step.
     pub fn step_folders(&self) -> Result<Vec<StepFolder>> {
-        let listing = self.retry.run(
-            &self.transient_failures,
-            self.url(),
-            "listing the step folders",
-            || self.root.list(),
-        )?;
+        let listing = self.retrying_root("listing the step folders", || self.root.list())?;
         let mut steps: Vec<u64> = listing
             .folders
             .iter()
@@ -132,6 +127,30 @@ impl Remote {
                 })
             })
             .collect()
+    }
+
+    /// `file` directly in the checkpoint folder (beside the step folders), `None` when absent.
+    pub fn get_root(&self, file: &str) -> Result<Option<Bytes>> {
+        let object = self.root.join(file)?;
+        self.retrying_root(&format!("reading `{file}`"), || object.get())
+    }
+
+    pub fn put_root(&self, file: &str, bytes: Bytes) -> Result<()> {
+        let object = self.root.join(file)?;
+        self.retrying_root(&format!("writing `{file}`"), || object.put(bytes.clone()))
+    }
+
+    /// Deletes `file` in the checkpoint folder; one already gone is not an error.
+    pub fn delete_root(&self, file: &str) -> Result<()> {
+        let object = self.root.join(file)?;
+        self.retrying_root(&format!("deleting `{file}`"), || {
+            object.delete().map(|_existed| ())
+        })
+    }
+
+    fn retrying_root<T>(&self, action: &str, operation: impl FnMut() -> Result<T>) -> Result<T> {
+        self.retry
+            .run(&self.transient_failures, self.url(), action, operation)
     }
 
     fn retrying<T>(

@@ -8,18 +8,29 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use super::best::{self, BestCheckpoint};
 use super::layout::{COMMIT_FILE, STATE_FILE};
 use super::remote::Remote;
 use super::{retention, CheckpointState, FileRecord};
 use crate::error::{Error, Result};
 
-/// Writes the checkpoint of `state.step` and, once it is committed, applies retention.
+/// What a save does once its step is committed.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AfterCommit {
+    pub keep_last: usize,
+    /// The best checkpoint so far: kept apart by retention, and recorded in `best.json` when
+    /// it is the step just written.
+    pub best: Option<BestCheckpoint>,
+}
+
+/// Writes the checkpoint of `state.step` and, once it is committed, records it as the best
+/// when it is (`after.best`) and applies retention.
 ///
 /// `state.files` is replaced by the sizes and sha256 of `files`; `created_unix` is set to now
 /// when it is 0.
 pub(crate) fn write_checkpoint(
     remote: &Remote,
-    keep_last: usize,
+    after: AfterCommit,
     mut state: CheckpointState,
     files: Vec<(String, Bytes)>,
 ) -> Result<()> {
@@ -42,7 +53,20 @@ pub(crate) fn write_checkpoint(
     remote.put(step, COMMIT_FILE, Bytes::from(format!("{state_sha256}\n")))?;
     tracing::info!("checkpoint {checkpoint} committed");
 
-    retention::apply(remote, step, keep_last);
+    if let Some(best) = after.best.as_ref().filter(|best| best.step == step) {
+        best::write(remote, best)?;
+        tracing::info!(
+            "{checkpoint} is the best so far ({} {})",
+            best.metric.name(),
+            best.value
+        );
+    }
+    retention::apply(
+        remote,
+        step,
+        after.keep_last,
+        after.best.map(|best| best.step),
+    );
     Ok(())
 }
 
@@ -217,7 +241,7 @@ impl InFlight {
 /// Starts writing the checkpoint on a new thread and returns at once.
 pub(crate) fn spawn(
     remote: Arc<Remote>,
-    keep_last: usize,
+    after: AfterCommit,
     state: CheckpointState,
     files: Vec<(String, Bytes)>,
 ) -> Result<(InFlight, SaveHandle)> {
@@ -231,7 +255,7 @@ pub(crate) fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("ditrun-checkpoint-{step}"))
         .spawn(move || {
-            let result = write_checkpoint(&remote, keep_last, state, files);
+            let result = write_checkpoint(&remote, after, state, files);
             if let Err(e) = &result {
                 tracing::error!("checkpoint save failed: {e}");
             }

@@ -7,11 +7,12 @@ use bytes::Bytes;
 use object_store::path::Path;
 use object_store::ObjectStore;
 
+use super::best::{self, BestCheckpoint, BEST_ALIAS, BEST_FILE};
 use super::layout::{split_step, validate_file_names};
 use super::load;
 use super::remote::Remote;
 use super::retry::RetryPolicy;
-use super::save::{self, InFlight, SaveHandle};
+use super::save::{self, AfterCommit, InFlight, SaveHandle};
 use super::{CheckpointState, LoadedCheckpoint};
 use crate::error::{Error, Result};
 use crate::storage::Location;
@@ -33,6 +34,7 @@ pub struct CheckpointOptions {
 pub struct CheckpointStore {
     remote: Arc<Remote>,
     keep_last: usize,
+    best: Mutex<Option<BestCheckpoint>>,
     in_flight: Mutex<Option<InFlight>>,
 }
 
@@ -78,6 +80,7 @@ impl CheckpointStore {
         Self {
             remote: Arc::new(Remote::new(folder, options.retry)),
             keep_last: options.keep_last,
+            best: Mutex::new(None),
             in_flight: Mutex::new(None),
         }
     }
@@ -122,7 +125,11 @@ impl CheckpointStore {
         if let Some(previous) = in_flight.take() {
             previous.finish()?;
         }
-        let (started, handle) = save::spawn(self.remote.clone(), self.keep_last, state, files)?;
+        let after = AfterCommit {
+            keep_last: self.keep_last,
+            best: self.lock_best().clone(),
+        };
+        let (started, handle) = save::spawn(self.remote.clone(), after, state, files)?;
         *in_flight = Some(started);
         Ok(handle)
     }
@@ -164,6 +171,33 @@ impl CheckpointStore {
         load::latest_valid(&self.remote)
     }
 
+    /// Makes `best` the checkpoint retention keeps apart from the last N, from the next save
+    /// on; the save of `best.step` also writes it as `best.json` once committed.
+    pub fn set_best(&self, best: Option<BestCheckpoint>) {
+        *self.lock_best() = best;
+    }
+
+    /// The best checkpoint set here, or else the one `best.json` records.
+    pub fn best(&self) -> Result<Option<BestCheckpoint>> {
+        if let Some(best) = self.lock_best().clone() {
+            return Ok(Some(best));
+        }
+        best::read(&self.remote)
+    }
+
+    /// Deletes `best.json` and forgets the best: for a run resumed from before the recorded
+    /// best, whose steps from there on will be written again.
+    pub fn forget_best(&self) -> Result<()> {
+        self.set_best(None);
+        best::delete(&self.remote)
+    }
+
+    fn lock_best(&self) -> std::sync::MutexGuard<'_, Option<BestCheckpoint>> {
+        self.best
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, Option<InFlight>> {
         // The slot holds no invariant a panic could break half way.
         self.in_flight
@@ -180,8 +214,9 @@ impl Drop for CheckpointStore {
     }
 }
 
-/// Loads the checkpoint a URL names: a step folder (`<url>/step-000000123`) exactly, or a
-/// checkpoint folder (`<url>`) through [`CheckpointStore::latest_valid`]. Local paths work too.
+/// Loads the checkpoint a URL names: a step folder (`<url>/step-000000123`) exactly, the best
+/// one (`<url>/best`, the step `best.json` names), or a checkpoint folder (`<url>`) through
+/// [`CheckpointStore::latest_valid`]. Local paths work too.
 pub fn load_url(checkpoint_url: &str) -> Result<LoadedCheckpoint> {
     load_location(&Location::parse(checkpoint_url)?)
 }
@@ -192,10 +227,18 @@ pub fn load_location(location: &Location) -> Result<LoadedCheckpoint> {
     if let Some((parent, step)) = split_step(location) {
         return CheckpointStore::at(parent, options).load(step);
     }
+    // A folder that happens to be named `best` is still read as one when its parent keeps no
+    // record of a best checkpoint.
+    if let (Some(BEST_ALIAS | BEST_FILE), Some(parent)) = (location.name(), location.parent()) {
+        let store = CheckpointStore::at(parent, options.clone());
+        if let Some(best) = store.best()? {
+            return store.load(best.step);
+        }
+    }
     CheckpointStore::at(location.clone(), options)
         .latest_valid()?
         .ok_or_else(|| Error::Checkpoint {
             checkpoint: location.url().to_string(),
-            reason: "no committed checkpoint here: expected step-NNNNNNNNN folders with a COMMIT marker, or the URL of one such folder".into(),
+            reason: format!("no committed checkpoint here: expected step-NNNNNNNNN folders with a COMMIT marker, the URL of one such folder, or `<folder>/{BEST_ALIAS}` for the best one a run kept (checkpoint.keep_best)"),
         })
 }

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 pub use super::text_encoder::TextEncoderSpec;
 use crate::backend::BackendKind;
+use crate::checkpoint::BestMetric;
 pub use crate::data::{DatasetKind, Split};
 use crate::flow::Sampler;
 use crate::kernels::autocast::Precision;
@@ -260,6 +261,11 @@ pub struct CheckpointSpec {
     pub every_steps: u64,
     /// Committed checkpoints kept (older ones are deleted); ≥ 1 when checkpointing.
     pub keep_last: usize,
+    /// Also keep the best checkpoint by this evaluation metric (`fid` or `clip_score`, of the
+    /// first `eval.cfg` scale) apart from the last N, named by `<url>/best.json`; every
+    /// evaluated step is then saved. Unset: no best is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_best: Option<BestMetric>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -381,6 +387,7 @@ impl Default for CheckpointSpec {
             url: String::new(),
             every_steps: 1000,
             keep_last: 3,
+            keep_best: None,
         }
     }
 }
@@ -683,6 +690,29 @@ impl JobSpec {
                     "checkpoint.keep_last",
                     "must be ≥ 1 when checkpointing (checkpoint.url is set)".into(),
                 ));
+            }
+        }
+        if let Some(metric) = c.keep_best {
+            let problem = if !c.enabled() {
+                Some("needs checkpoint.url: there is no checkpoint to keep".to_string())
+            } else if self.eval.is_off() {
+                Some(format!(
+                    "`{}` needs evaluations: set eval.every_steps (or eval.at_end)",
+                    metric.name()
+                ))
+            } else if metric == BestMetric::ClipScore
+                && self.eval.clip_weights.is_none()
+                && self.text_encoder.weights.is_none()
+            {
+                Some(
+                    "`clip_score` needs a CLIP: set eval.clip_weights or text_encoder.weights"
+                        .into(),
+                )
+            } else {
+                None
+            };
+            if let Some(reason) = problem {
+                return Some(("checkpoint.keep_best", reason));
             }
         }
         if !self.logging.dir.trim().is_empty() {

@@ -74,6 +74,12 @@ pub fn read_index(prefix_url: &str) -> Result<ShardIndex> {
 
 /// [`read_index`] of a prefix already parsed.
 pub fn read_index_at(prefix: &Location) -> Result<ShardIndex> {
+    read_index_and_bytes_at(prefix).map(|(index, _)| index)
+}
+
+/// [`read_index_at`] and the bytes it parsed, for callers that key derived data (FID
+/// statistics) by the index's hash without fetching it twice.
+pub fn read_index_and_bytes_at(prefix: &Location) -> Result<(ShardIndex, bytes::Bytes)> {
     let file = prefix.join(INDEX_FILE)?;
     let url = file.url();
     let bytes = file.get()?.ok_or_else(|| Error::Dataset {
@@ -84,7 +90,7 @@ pub fn read_index_at(prefix: &Location) -> Result<ShardIndex> {
     })?;
     let index = parse_index(url, &bytes)?;
     validate_index(url, &index)?;
-    Ok(index)
+    Ok((index, bytes))
 }
 
 /// Fetches shard number `shard` of `index`, checks its size and sha256 against the index and

@@ -1,11 +1,12 @@
 //! `ditrun eval --checkpoint C`: FID and CLIP score of a checkpoint's EMA weights, one
 //! evaluation per guidance scale, on the backend the command picked; under mpirun every rank
-//! draws its share of the samples and rank 0 reports.
+//! draws its share of the samples on its own device (local rank i on GPU i, as in training)
+//! and rank 0 reports.
 
 use burn::prelude::*;
 
 use super::evaluate::{clip_scorer, EvalPlan, EvalReport, Evaluator};
-use crate::dist::Collective;
+use crate::dist::{Collective, World};
 use crate::error::{Error, Result};
 use crate::sample::TrainedCheckpoint;
 
@@ -28,6 +29,7 @@ pub struct EvalRequest {
 pub fn eval_checkpoint<B: Backend>(
     trained: &TrainedCheckpoint,
     request: &EvalRequest,
+    world: &World,
     collective: &dyn Collective,
 ) -> Result<Vec<EvalReport>> {
     let job = &trained.job;
@@ -44,7 +46,7 @@ pub fn eval_checkpoint<B: Backend>(
                     .into(),
             )
         })?;
-    let device = B::Device::default();
+    let device = crate::backend::rank_device::<B>(world, trained.backend()?.is_gpu())?;
     let clip_weights = request
         .clip_weights
         .as_deref()
@@ -60,7 +62,7 @@ pub fn eval_checkpoint<B: Backend>(
         collective,
         &device,
     )?;
-    let (model, mut cache) = trained.ema_model::<B>()?;
+    let (model, mut cache) = trained.ema_model_on::<B>(&device)?;
     let scales = if request.cfg.is_empty() {
         spec.cfg.clone()
     } else {
@@ -73,7 +75,6 @@ pub fn eval_checkpoint<B: Backend>(
             cfg,
             steps: request.steps.unwrap_or(spec.steps),
             seed: request.seed.unwrap_or(spec.seed),
-            batch_size,
         };
         reports.extend(evaluator.evaluate(&model, &mut cache, &plan, collective)?);
     }

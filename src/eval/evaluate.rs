@@ -25,7 +25,7 @@ use super::fid::{
     STATS_FILE_NAME,
 };
 use super::inception::{FidInception, FEATURES};
-use crate::data::shards::{read_index_at, read_shard_at, ShardIndex};
+use crate::data::shards::{read_index_and_bytes_at, read_shard_at, ShardIndex};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::flow::{generate_per_seed, CaptionContexts, SampleOptions, Sampler};
@@ -44,7 +44,6 @@ pub struct EvalPlan {
     pub cfg: f64,
     pub steps: usize,
     pub seed: u64,
-    pub batch_size: usize,
 }
 
 /// What rank 0 reports: FID, CLIP score (mean and per caption) and the time it took.
@@ -126,12 +125,7 @@ impl<B: Backend> Evaluator<B> {
             device: device.clone(),
         };
         let prefix = Location::parse(shards)?;
-        let index_file = prefix.join("index.json")?;
-        let index_bytes = index_file.get()?.ok_or_else(|| Error::Dataset {
-            file: index_file.url().to_string(),
-            reason: "not found: FID needs the dataset's images (run `ditrun prepare`)".into(),
-        })?;
-        let index = read_index_at(&prefix)?;
+        let (index, index_bytes) = read_index_and_bytes_at(&prefix)?;
         let keys = ReferenceKeys {
             index_sha256: hex::encode(Sha256::digest(&index_bytes)),
             inception_sha256,

@@ -1,17 +1,20 @@
 //! The checkpoint component (`checkpoint:` in the job): saves every `every_steps`, at the
-//! run's end and when a stop was asked for, through the checkpoint store's background uploads.
+//! run's end and when a stop was asked for, through the checkpoint store's background uploads;
+//! with `keep_best`, also every evaluated step, keeping the best apart from the last N.
 //!
 //! Invariants: rank 0 alone saves; a save's state names the world it came from; `finish`
 //! returns only once every save is committed (or failed), so the run's last checkpoint is
-//! never left half-written as the latest.
+//! never left half-written as the latest; the best is chosen among this run's history only
+//! (a run resumed from before the recorded best chooses anew).
 
 use burn::tensor::backend::AutodiffBackend;
 
 use super::component::{due, AfterStep, Component, RunSummary};
-use crate::checkpoint::{CheckpointOptions, CheckpointStore};
+use crate::checkpoint::{BestCheckpoint, BestMetric, CheckpointOptions, CheckpointStore};
 use crate::config::JobSpec;
 use crate::dist::World;
 use crate::error::Result;
+use crate::eval::EvalReport;
 use crate::storage::Location;
 use crate::training_state::{
     text_encoder_identity, JobRecord, TrainingState, LOSS_GUARD_KEY, TEXT_ENCODER_KEY,
@@ -24,6 +27,8 @@ pub struct Checkpointer {
     job: JobRecord,
     text_encoder: String,
     last: Option<String>,
+    keep_best: Option<BestMetric>,
+    best: Option<BestCheckpoint>,
 }
 
 impl Checkpointer {
@@ -44,7 +49,44 @@ impl Checkpointer {
             job: JobRecord::of(job),
             text_encoder: text_encoder_identity(job)?,
             last: None,
+            keep_best: job.checkpoint.keep_best,
+            best: None,
         }))
+    }
+
+    /// Takes up the best checkpoint `best.json` records, unless this run starts before it
+    /// (its steps from there on are written again, so that record goes).
+    pub fn continue_from(&mut self, start_step: u64) -> Result<()> {
+        if self.keep_best.is_none() {
+            return Ok(());
+        }
+        match self.store.best()? {
+            Some(best) if best.step > start_step => {
+                tracing::warn!(
+                    "this run starts at step {start_step}, before the recorded best checkpoint \
+                     (step {}, {} {}): it chooses its best anew",
+                    best.step,
+                    best.metric.name(),
+                    best.value
+                );
+                self.store.forget_best()?;
+            }
+            recorded => {
+                self.store.set_best(recorded.clone());
+                self.best = recorded;
+            }
+        }
+        Ok(())
+    }
+
+    /// The kept metric's value in this step's first evaluation, if there was one.
+    fn evaluated_value(&self, reports: Option<&Vec<EvalReport>>) -> Option<(f64, f64)> {
+        let report = reports?.first()?;
+        let value = match self.keep_best? {
+            BestMetric::Fid => Some(report.fid),
+            BestMetric::ClipScore => report.clip_score,
+        };
+        value.map(|v| (v, report.cfg))
     }
 
     /// Where a resumed run looks for its checkpoint.
@@ -56,8 +98,22 @@ impl Checkpointer {
 impl<AB: AutodiffBackend> Component<AB> for Checkpointer {
     fn after_step(&mut self, at: &mut AfterStep<'_, '_, AB>) -> Result<()> {
         let step = at.stats.step;
-        if !(due(step, self.every_steps, true, at.end_of_run) || at.stopping) {
+        let evaluated = self.evaluated_value(at.evaluated.as_ref());
+        if !(due(step, self.every_steps, true, at.end_of_run) || at.stopping || evaluated.is_some())
+        {
             return Ok(());
+        }
+        if let (Some(metric), Some((value, cfg))) = (self.keep_best, evaluated) {
+            if BestCheckpoint::replaced_by(self.best.as_ref(), metric, value) {
+                self.best = Some(BestCheckpoint {
+                    step,
+                    metric,
+                    value,
+                    cfg,
+                    checkpoint: self.store.step_url(step),
+                });
+                self.store.set_best(self.best.clone());
+            }
         }
         let trainer = &*at.trainer;
         let (mut state, files) = TrainingState::pack(

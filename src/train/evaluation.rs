@@ -58,7 +58,6 @@ impl<B: Backend> Evaluation<B> {
             cfg,
             steps: self.spec.steps,
             seed: self.spec.seed,
-            batch_size: self.spec.batch_size,
         })
     }
 }

@@ -23,7 +23,6 @@ mod setup;
 mod trainer;
 
 use burn::module::AutodiffModule;
-use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 pub use crate::training_state::{
@@ -105,24 +104,9 @@ pub fn train_ranked(
     }
     let gpu = backend.is_gpu();
     crate::with_backend!(backend, B => {
-        let device = rank_device::<B>(world, gpu)?;
+        let device = crate::backend::rank_device::<B>(world, gpu)?;
         run::<burn::backend::Autodiff<B>>(job, resume, stop_after, world, collective, device)
     })
-}
-
-/// Local rank i takes the i-th visible GPU; CPU backends have one device.
-fn rank_device<B: Backend>(world: &World, gpu: bool) -> Result<B::Device> {
-    use burn::tensor::backend::{Device as _, DeviceId};
-    let default = B::Device::default();
-    if !gpu {
-        return Ok(default);
-    }
-    let id = default.to_id();
-    let ordinal = world.gpu_ordinal(B::device_count(id.type_id))?;
-    Ok(B::Device::from_id(DeviceId {
-        type_id: id.type_id,
-        index_id: ordinal as u16,
-    }))
 }
 
 /// One rank's run: set up, step until the end (or `stop_after`), let every component act
@@ -135,13 +119,16 @@ fn run<AB: AutodiffBackend>(
     collective: &dyn Collective,
     device: AB::Device,
 ) -> Result<TrainOutcome> {
-    let checkpointer = Checkpointer::open(job, world)?;
+    let mut checkpointer = Checkpointer::open(job, world)?;
     let end = stop_after.map_or(job.train.steps, |stop| stop.min(job.train.steps));
     let store = checkpointer.as_ref().map(Checkpointer::store);
     let mut trainer = Trainer::<AB>::new(job, resume, store, end, world, collective, device)?;
     // Every checkpoint is of a step ≥ 1, so a non-zero start is a resume (on every rank, also
     // those that received rank 0's checkpoint instead of reading one).
     let resumed_from = (trainer.start_step > 0).then_some(trainer.start_step);
+    if let Some(checkpointer) = checkpointer.as_mut() {
+        checkpointer.continue_from(trainer.start_step)?;
+    }
     let mut events = None;
     let mut components: Vec<Box<dyn Component<AB>>> = vec![Box::new(Preemption)];
     let rank_times = RankTimes::new(job.logging.every_steps, world.world_size);
