@@ -145,6 +145,9 @@ struct EvalArgs {
     /// Real images behind the dataset's statistics; 0 = all (default: eval.reference_samples).
     #[arg(long)]
     reference_samples: Option<usize>,
+    /// Also FID per caption, against each caption's real images (default: eval.per_caption_fid).
+    #[arg(long)]
+    per_caption_fid: bool,
 }
 
 #[derive(clap::Args)]
@@ -416,6 +419,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         clip_weights: args.clip_weights,
         shards: args.shards,
         reference_samples: args.reference_samples,
+        per_caption_fid: args.per_caption_fid,
     };
     let reports = ditrun::with_backend!(trained.backend()?, B =>
         ditrun::eval::eval_checkpoint::<B>(&trained, &request, &world, collective.as_ref()))?;
@@ -431,6 +435,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             "{:5} {:8} {:10.4} {:>11} {:9.1}",
             report.cfg, report.samples, report.fid, clip, report.secs
         );
+        for (caption, fid) in &report.fid_per_caption {
+            eprintln!("      FID {fid:10.4}  {caption}");
+        }
         println!("{}", serde_json::to_string(report)?);
     }
     Ok(())

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ditrun::checkpoint::{
-    load_url, step_dir_name, CheckpointOptions, CheckpointState, CheckpointStore, FileRecord,
-    RetryPolicy, COMMIT_FILE, STATE_FILE,
+    load_url, step_dir_name, BestCheckpoint, BestMetric, CheckpointOptions, CheckpointState,
+    CheckpointStore, FileRecord, RetryPolicy, BEST_FILE, COMMIT_FILE, STATE_FILE,
 };
 use ditrun::error::Error;
 use ditrun::storage::block_on;
@@ -612,4 +612,60 @@ fn a_background_failure_is_returned_by_the_next_save_async_and_wait_all() {
     assert!(text.contains(&store.step_url(3)), "{text}");
     store.wait_all().unwrap();
     assert_eq!(store.list_committed().unwrap(), [1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The best checkpoint (checkpoint.keep_best)
+// ---------------------------------------------------------------------------------------------
+
+fn best_at(store: &CheckpointStore, step: u64, value: f64) -> BestCheckpoint {
+    BestCheckpoint {
+        step,
+        metric: BestMetric::Fid,
+        value,
+        cfg: 4.0,
+        checkpoint: store.step_url(step),
+    }
+}
+
+#[test]
+fn the_best_survives_retention_and_best_json_names_it_once_committed() {
+    let (_dir, root, store) = temp_store(2);
+    save_steps(&store, &[10]);
+    // The trainer marks a step best before its save; best.json follows that step's COMMIT.
+    store.set_best(Some(best_at(&store, 20, 12.5)));
+    assert!(
+        !root.join(BEST_FILE).exists(),
+        "nothing is named before the save"
+    );
+    save_steps(&store, &[20, 30, 40, 50]);
+
+    let mut kept: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    let expected = [
+        BEST_FILE,
+        "step-000000020",
+        "step-000000040",
+        "step-000000050",
+    ];
+    assert_eq!(kept, expected, "the last 2 and the best apart");
+
+    let record: BestCheckpoint =
+        serde_json::from_slice(&std::fs::read(root.join(BEST_FILE)).unwrap()).unwrap();
+    assert_eq!(record, best_at(&store, 20, 12.5));
+    let best = load_url(&format!("{}/best", store.url())).unwrap();
+    assert_eq!(best.state.step, 20);
+    assert_eq!(best.files, file_map(20));
+
+    // A new store on the folder (a resumed run) finds the record; forgetting it deletes it.
+    let reopened = CheckpointStore::open_with(&file_url(&root), options(2)).unwrap();
+    assert_eq!(reopened.best().unwrap(), Some(record));
+    reopened.forget_best().unwrap();
+    assert!(!root.join(BEST_FILE).exists());
+    assert!(reopened.best().unwrap().is_none());
+    let text = message(load_url(&format!("{}/best", store.url())));
+    assert!(text.contains("checkpoint.keep_best"), "{text}");
 }

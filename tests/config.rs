@@ -475,6 +475,12 @@ fn impossible_values_name_file_key_and_line() {
             5,
         ),
         ("checkpoint:\n  url: ftp://host/c\n", "checkpoint.url", 4),
+        // Evaluations are off in MINIMAL_JOB: there is nothing to rank checkpoints by.
+        (
+            "checkpoint:\n  url: memory://c\n  keep_best: fid\n",
+            "checkpoint.keep_best",
+            5,
+        ),
         ("model:\n  context_dim: 256\n", "model.context_dim", 4),
         // These replace MINIMAL_JOB's data section rather than follow it.
         (

@@ -14,7 +14,7 @@ mod common;
 use common::{mpirun, outcomes, read_with_tensorboard, reference_dir, TestBackend};
 use ditrun::data::shards::{read_index, read_shard};
 use ditrun::dist::SingleProcess;
-use ditrun::eval::Evaluator;
+use ditrun::eval::{EvalSetup, Evaluator};
 
 fn ditrun() -> &'static str {
     env!("CARGO_BIN_EXE_ditrun")
@@ -97,8 +97,15 @@ fn held_out_real_images_are_far_closer_to_the_dataset_than_noise() {
 
     let device = Default::default();
     let open = || {
-        Evaluator::<TestBackend>::open(&shards, &inception(), None, 8, 8, &SingleProcess, &device)
-            .unwrap()
+        let inception = inception();
+        let setup = EvalSetup {
+            shards: &shards,
+            inception_weights: &inception,
+            reference_samples: 8,
+            batch_size: 8,
+            per_caption_fid: false,
+        };
+        Evaluator::<TestBackend>::open(&setup, None, &SingleProcess, &device).unwrap()
     };
     let evaluator = open();
     assert_eq!(evaluator.reference_images(), 8);
@@ -265,6 +272,8 @@ fn keep_best_fid_keeps_the_lowest_fid_step_apart_from_the_last_one() {
         .filter(|name| name.starts_with("step-"))
         .collect();
     kept.sort();
+    // Here FID falls to the last step, so the best is usually the last one: retention keeping
+    // an older best apart is tested in tests/checkpoint.rs.
     let mut expected = vec![format!("step-{best_step:09}"), "step-000000030".to_string()];
     expected.dedup();
     expected.sort();
@@ -276,4 +285,68 @@ fn keep_best_fid_keeps_the_lowest_fid_step_apart_from_the_last_one() {
     let output = run_ok(inspect);
     let shown: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(shown["state"]["step"].as_u64(), Some(best_step), "{shown}");
+}
+
+#[test]
+fn per_caption_fid_covers_every_caption_and_two_ranks_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), 10);
+    let mut train = Command::new(ditrun());
+    train
+        .args(["train", "--job", &job.display().to_string()])
+        .args(["--set", "eval.every_steps=0"]);
+    run_ok(train);
+    let shards = dir.path().join("shards").display().to_string();
+    let captions = read_index(&shards).unwrap().captions;
+
+    // Two samples of each caption, against every real image (several per caption).
+    let samples = (2 * captions.len()).to_string();
+    let mut args = eval_command(dir.path());
+    args.truncate(4);
+    args.extend(
+        [
+            "--samples",
+            &samples,
+            "--cfg",
+            "3",
+            "--reference-samples",
+            "0",
+            "--per-caption-fid",
+        ]
+        .map(String::from),
+    );
+    let mut one = Command::new(&args[0]);
+    one.args(&args[1..]);
+    let one = outcomes(&run_ok(one));
+    let per_caption = one[0]["fid_per_caption"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no fid_per_caption in {}", one[0]));
+    let named: Vec<&String> = per_caption.keys().collect();
+    let mut expected: Vec<&String> = captions.iter().collect();
+    expected.sort();
+    assert_eq!(named, expected, "one FID per caption");
+    for (caption, fid) in per_caption {
+        let fid = fid.as_f64().unwrap();
+        assert!(fid.is_finite() && fid > 0.0, "{caption}: {fid}");
+    }
+    assert!(dir
+        .path()
+        .join("shards/fid-stats-per-caption/index.json")
+        .is_file());
+
+    // Two ranks reuse the stored statistics and gather the labelled features on rank 0.
+    let mut two = mpirun(2);
+    two.args(&args);
+    let two = outcomes(&run_ok(two));
+    for (caption, fid) in per_caption {
+        let (a, b) = (
+            fid.as_f64().unwrap(),
+            two[0]["fid_per_caption"][caption].as_f64(),
+        );
+        let b = b.unwrap_or_else(|| panic!("two ranks: no FID for {caption}: {}", two[0]));
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "{caption}: one rank {a}, two ranks {b}"
+        );
+    }
 }

@@ -73,6 +73,9 @@ pub struct EvalSpec {
     pub clip_weights: Option<String>,
     /// Real images the dataset's statistics use (stored beside its shards); 0 = all.
     pub reference_samples: usize,
+    /// Also FID per caption (`eval/fid_caption/<caption>`): which prompts the model has not
+    /// learned. Needs each caption's statistics too, and at least two samples per caption.
+    pub per_caption_fid: bool,
 }
 
 impl Default for EvalSpec {
@@ -88,6 +91,7 @@ impl Default for EvalSpec {
             inception_weights: String::new(),
             clip_weights: None,
             reference_samples: 0,
+            per_caption_fid: false,
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use burn::prelude::*;
 
-use super::evaluate::{clip_scorer, EvalPlan, EvalReport, Evaluator};
+use super::evaluate::{clip_scorer, EvalPlan, EvalReport, EvalSetup, Evaluator};
 use crate::dist::{Collective, World};
 use crate::error::{Error, Result};
 use crate::sample::TrainedCheckpoint;
@@ -23,6 +23,8 @@ pub struct EvalRequest {
     /// The dataset whose statistics FID compares with; unset = the job's `data.shards`.
     pub shards: Option<String>,
     pub reference_samples: Option<usize>,
+    /// Also FID per caption (else the job's `eval.per_caption_fid`).
+    pub per_caption_fid: bool,
 }
 
 /// One report per guidance scale on rank 0; nothing on the other ranks.
@@ -53,12 +55,16 @@ pub fn eval_checkpoint<B: Backend>(
         .or(spec.clip_weights.as_deref())
         .or(job.text_encoder.weights.as_deref());
     let batch_size = request.batch_size.unwrap_or(spec.batch_size);
-    let evaluator = Evaluator::<B>::open(
-        request.shards.as_deref().unwrap_or(&job.data.shards),
-        &inception,
-        clip_scorer::<B>(clip_weights, &device)?,
-        request.reference_samples.unwrap_or(spec.reference_samples),
+    let setup = EvalSetup {
+        shards: request.shards.as_deref().unwrap_or(&job.data.shards),
+        inception_weights: &inception,
+        reference_samples: request.reference_samples.unwrap_or(spec.reference_samples),
         batch_size,
+        per_caption_fid: request.per_caption_fid || spec.per_caption_fid,
+    };
+    let evaluator = Evaluator::<B>::open(
+        &setup,
+        clip_scorer::<B>(clip_weights, &device)?,
         collective,
         &device,
     )?;

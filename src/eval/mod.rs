@@ -14,4 +14,4 @@ pub mod fid;
 pub mod inception;
 
 pub use command::{eval_checkpoint, EvalRequest};
-pub use evaluate::{clip_scorer, images_from_bytes, EvalPlan, EvalReport, Evaluator};
+pub use evaluate::{clip_scorer, images_from_bytes, EvalPlan, EvalReport, EvalSetup, Evaluator};

@@ -1,7 +1,8 @@
 //! The evaluation component (`eval:` in the job): every `every_steps` and at the run's end, FID
 //! (one per guidance scale in `eval.cfg`) and the CLIP score of the EMA weights, on every rank
 //! (each draws its share of the samples), logged by rank 0 to the console and TensorBoard
-//! (`eval/fid`, `eval/fid_cfg_<w>`, `eval/clip_score`, `eval/secs`) and handed to the
+//! (`eval/fid`, `eval/fid_cfg_<w>`, `eval/clip_score`, `eval/secs`, and with
+//! `per_caption_fid` `eval/fid_caption/<caption>` of the first scale) and handed to the
 //! checkpointer, which records them in the checkpoint's `state.json`.
 //!
 //! Invariant: every rank runs every evaluation (they hold collectives); the time they take is
@@ -14,7 +15,7 @@ use super::component::{due, AfterStep, Component};
 use crate::config::{EvalSpec, JobSpec};
 use crate::dist::Collective;
 use crate::error::Result;
-use crate::eval::{clip_scorer, EvalPlan, EvalReport, Evaluator};
+use crate::eval::{clip_scorer, EvalPlan, EvalReport, EvalSetup, Evaluator};
 
 pub struct Evaluation<B: Backend> {
     spec: EvalSpec,
@@ -37,12 +38,16 @@ impl<B: Backend> Evaluation<B> {
             .clip_weights
             .as_deref()
             .or(job.text_encoder.weights.as_deref());
+        let setup = EvalSetup {
+            shards: &job.data.shards,
+            inception_weights: &spec.inception_weights,
+            reference_samples: spec.reference_samples,
+            batch_size: spec.batch_size,
+            per_caption_fid: spec.per_caption_fid,
+        };
         let evaluator = Evaluator::open(
-            &job.data.shards,
-            &spec.inception_weights,
+            &setup,
             clip_scorer::<B>(clip_weights, device)?,
-            spec.reference_samples,
-            spec.batch_size,
             collective,
             device,
         )?;
@@ -99,6 +104,9 @@ impl<AB: AutodiffBackend> Component<AB> for Evaluation<AB::InnerBackend> {
                     writer.scalar("eval/fid", step, report.fid)?;
                     if let Some(score) = report.clip_score {
                         writer.scalar("eval/clip_score", step, score)?;
+                    }
+                    for (caption, fid) in &report.fid_per_caption {
+                        writer.scalar(&format!("eval/fid_caption/{caption}"), step, *fid)?;
                     }
                 }
                 if reports.len() > 1 {
