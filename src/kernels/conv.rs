@@ -32,15 +32,28 @@ pub struct ConvShape {
 impl ConvShape {
     /// `[H', W']`, as PyTorch computes it (floor division, no dilation).
     pub fn output_size(&self) -> [usize; 2] {
-        let out = |size: usize, axis: usize| {
-            (size + 2 * self.padding[axis] - self.kernel[axis]) / self.stride[axis] + 1
-        };
-        [out(self.height, 0), out(self.width, 1)]
+        window_output_size(
+            [self.height, self.width],
+            self.kernel,
+            self.stride,
+            self.padding,
+        )
     }
 
     fn patch_len(&self) -> usize {
         self.in_channels * self.kernel[0] * self.kernel[1]
     }
+}
+
+/// `[H', W']` of a window of `kernel` slid over `[H, W]` (zero-padded by `padding` on each
+/// side) by `stride`: PyTorch's floor division, no dilation. Convolutions and pools alike.
+pub(super) fn window_output_size(
+    size: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> [usize; 2] {
+    [0, 1].map(|axis| (size[axis] + 2 * padding[axis] - kernel[axis]) / stride[axis] + 1)
 }
 
 /// `max(conv2d(x, weight) + bias, 0)` when `relu`, else without the clamp; `[N, O, H', W']`
@@ -71,15 +84,22 @@ pub fn forward(
     let weights = Matrix::row_major(weight, out_channels, patch);
     let image_len = in_channels * height * width;
     let mut out = vec![0f32; batch * out_channels * pixels];
-    let mut columns = vec![0f32; patch * pixels];
+    // A 1×1, stride-1, unpadded convolution multiplies the image itself: nothing to unroll.
+    let pointwise = shape.kernel == [1, 1] && shape.stride == [1, 1] && shape.padding == [0, 0];
+    let mut columns = vec![0f32; if pointwise { 0 } else { patch * pixels }];
     for (image, output) in x
         .chunks_exact(image_len)
         .zip(out.chunks_exact_mut(out_channels * pixels))
     {
-        unroll(image, shape, out_h, out_w, &mut columns);
+        let columns = if pointwise {
+            image
+        } else {
+            unroll(image, shape, out_h, out_w, &mut columns);
+            &columns
+        };
         matmul(
             weights,
-            Matrix::row_major(&columns, patch, pixels),
+            Matrix::row_major(columns, patch, pixels),
             output,
             false,
         );
@@ -123,8 +143,16 @@ fn unroll(image: &[f32], shape: ConvShape, out_h: usize, out_w: usize, columns: 
                     continue;
                 }
                 let source = &source[y as usize * width..][..width];
-                if sw == 1 && pw == 0 {
-                    dest.copy_from_slice(&source[kx..kx + out_w]);
+                if sw == 1 {
+                    // Output columns whose input column x = ox + kx − pw lies in the image.
+                    let first = pw.saturating_sub(kx).min(out_w);
+                    let end = (width + pw).saturating_sub(kx).clamp(first, out_w);
+                    dest[..first].fill(0.0);
+                    if end > first {
+                        let start = first + kx - pw;
+                        dest[first..end].copy_from_slice(&source[start..start + end - first]);
+                    }
+                    dest[end..].fill(0.0);
                     continue;
                 }
                 for (ox, d) in dest.iter_mut().enumerate() {

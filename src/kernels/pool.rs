@@ -29,10 +29,12 @@ pub struct PoolShape {
 
 impl PoolShape {
     pub fn output_size(&self) -> [usize; 2] {
-        let out = |size: usize, axis: usize| {
-            (size + 2 * self.padding[axis] - self.kernel[axis]) / self.stride[axis] + 1
-        };
-        [out(self.height, 0), out(self.width, 1)]
+        super::conv::window_output_size(
+            [self.height, self.width],
+            self.kernel,
+            self.stride,
+            self.padding,
+        )
     }
 }
 
