@@ -312,7 +312,10 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // One write: stderr is unbuffered, and `eprintln!` writes each piece of the error
+            // chain apart, so under mpirun another rank's output could land mid-message.
+            let message = format!("error: {error:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), message.as_bytes());
             ExitCode::FAILURE
         }
     }
