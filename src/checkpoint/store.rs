@@ -179,10 +179,15 @@ impl CheckpointStore {
 
     /// The best checkpoint set here, or else the one `best.json` records.
     pub fn best(&self) -> Result<Option<BestCheckpoint>> {
-        if let Some(best) = self.lock_best().clone() {
+        if let Some(best) = self.kept_best() {
             return Ok(Some(best));
         }
         best::read(&self.remote)
+    }
+
+    /// The best checkpoint set here (no store access).
+    pub fn kept_best(&self) -> Option<BestCheckpoint> {
+        self.lock_best().clone()
     }
 
     /// Deletes `best.json` and forgets the best: for a run resumed from before the recorded

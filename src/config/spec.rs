@@ -433,6 +433,15 @@ impl JobSpec {
         self.text_encoder.config.clone()
     }
 
+    /// The CLIP file the evaluation's CLIP score uses: `eval.clip_weights`, else the text
+    /// encoder's (openai/clip-vit-base-patch32's file holds both towers); `None`: no score.
+    pub fn eval_clip_weights(&self) -> Option<&str> {
+        self.eval
+            .clip_weights
+            .as_deref()
+            .or(self.text_encoder.weights.as_deref())
+    }
+
     /// The effective spec as YAML (every key, defaults included): what the trainer logs and
     /// writes to TensorBoard, and what loads back into an equal spec.
     pub fn to_yaml(&self) -> String {
@@ -704,10 +713,7 @@ impl JobSpec {
                     "`{}` needs evaluations: set eval.every_steps (or eval.at_end)",
                     metric.name()
                 ))
-            } else if metric == BestMetric::ClipScore
-                && self.eval.clip_weights.is_none()
-                && self.text_encoder.weights.is_none()
-            {
+            } else if metric == BestMetric::ClipScore && self.eval_clip_weights().is_none() {
                 Some(
                     "`clip_score` needs a CLIP: set eval.clip_weights or text_encoder.weights"
                         .into(),

@@ -49,11 +49,7 @@ pub fn eval_checkpoint<B: Backend>(
             )
         })?;
     let device = crate::backend::rank_device::<B>(world, trained.backend()?.is_gpu())?;
-    let clip_weights = request
-        .clip_weights
-        .as_deref()
-        .or(spec.clip_weights.as_deref())
-        .or(job.text_encoder.weights.as_deref());
+    let clip_weights = request.clip_weights.as_deref().or(job.eval_clip_weights());
     let batch_size = request.batch_size.unwrap_or(spec.batch_size);
     let setup = EvalSetup {
         shards: request.shards.as_deref().unwrap_or(&job.data.shards),

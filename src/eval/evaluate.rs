@@ -117,7 +117,12 @@ impl<B: Backend> FeatureExtractor<B> {
             .expect("f32 features")
     }
 
-    /// Adds the features of 8-bit images (channels last, as shards hold them) to `into`.
+    /// pool3 features of one batch of 8-bit images (channels last, as shards hold them).
+    fn of_images(&self, images: &[&[u8]], size: usize, channels: usize) -> Vec<f32> {
+        self.of_tensor(images_from_bytes::<B>(images, size, channels, &self.device))
+    }
+
+    /// Adds the features of 8-bit images, batch by batch, to `into`.
     fn add_images(
         &self,
         images: &[&[u8]],
@@ -126,8 +131,7 @@ impl<B: Backend> FeatureExtractor<B> {
         into: &mut FeatureAccumulator,
     ) -> Result<()> {
         for batch in images.chunks(self.batch_size) {
-            let tensor = images_from_bytes::<B>(batch, size, channels, &self.device);
-            into.add_rows(&self.of_tensor(tensor))?;
+            into.add_rows(&self.of_images(batch, size, channels))?;
         }
         Ok(())
     }
@@ -294,27 +298,37 @@ fn reference_stats<B: Backend>(
     // Rank 0 decides for everyone whether the stored files serve, so that no rank computes
     // alone while the others wait.
     let mut stored = Vec::new();
+    let mut parsed = None;
     let mut stored_per_caption = None;
     if collective.rank() == 0 {
         if let Some(bytes) = file.get()? {
             match stats_from_bytes(file.url(), &bytes, &expected) {
-                Ok(_) => stored = bytes.to_vec(),
+                Ok(read) => {
+                    stored = bytes.to_vec();
+                    parsed = Some(read.stats);
+                }
                 Err(mismatch) => {
                     tracing::warn!("{mismatch}: computing the dataset's FID statistics again")
                 }
             }
         }
-        if setup.per_caption_fid && !stored.is_empty() {
+        if setup.per_caption_fid && parsed.is_some() {
             stored_per_caption = load_per_caption(prefix, index, &expected)?;
             if stored_per_caption.is_none() {
                 stored.clear();
+                parsed = None;
             }
         }
     }
     let stored = collective.broadcast(0, stored, "stored FID statistics")?;
     if !stored.is_empty() {
+        // Rank 0 parsed the file already; the others read the bytes it sent.
+        let overall = match parsed {
+            Some(stats) => stats,
+            None => stats_from_bytes(file.url(), &stored, &expected)?.stats,
+        };
         return Ok(Reference {
-            overall: stats_from_bytes(file.url(), &stored, &expected)?.stats,
+            overall,
             per_caption: stored_per_caption.unwrap_or_default(),
         });
     }
@@ -345,9 +359,7 @@ fn reference_stats<B: Backend>(
         seen += samples.len();
         for batch in wanted.chunks(features.batch_size) {
             let pixels: Vec<&[u8]> = batch.iter().map(|s| s.pixels.as_slice()).collect();
-            let tensor =
-                images_from_bytes::<B>(&pixels, index.image_size, index.channels, &features.device);
-            let rows = features.of_tensor(tensor);
+            let rows = features.of_images(&pixels, index.image_size, index.channels);
             mine.add_rows(&rows)?;
             if setup.per_caption_fid {
                 // A caption the index does not list is counted overall only.

@@ -28,7 +28,6 @@ pub struct Checkpointer {
     text_encoder: String,
     last: Option<String>,
     keep_best: Option<BestMetric>,
-    best: Option<BestCheckpoint>,
 }
 
 impl Checkpointer {
@@ -50,13 +49,12 @@ impl Checkpointer {
             text_encoder: text_encoder_identity(job)?,
             last: None,
             keep_best: job.checkpoint.keep_best,
-            best: None,
         }))
     }
 
     /// Takes up the best checkpoint `best.json` records, unless this run starts before it
     /// (its steps from there on are written again, so that record goes).
-    pub fn continue_from(&mut self, start_step: u64) -> Result<()> {
+    pub fn continue_from(&self, start_step: u64) -> Result<()> {
         if self.keep_best.is_none() {
             return Ok(());
         }
@@ -71,10 +69,7 @@ impl Checkpointer {
                 );
                 self.store.forget_best()?;
             }
-            recorded => {
-                self.store.set_best(recorded.clone());
-                self.best = recorded;
-            }
+            recorded => self.store.set_best(recorded),
         }
         Ok(())
     }
@@ -104,15 +99,14 @@ impl<AB: AutodiffBackend> Component<AB> for Checkpointer {
             return Ok(());
         }
         if let (Some(metric), Some((value, cfg))) = (self.keep_best, evaluated) {
-            if BestCheckpoint::replaced_by(self.best.as_ref(), metric, value) {
-                self.best = Some(BestCheckpoint {
+            if BestCheckpoint::replaced_by(self.store.kept_best().as_ref(), metric, value) {
+                self.store.set_best(Some(BestCheckpoint {
                     step,
                     metric,
                     value,
                     cfg,
                     checkpoint: self.store.step_url(step),
-                });
-                self.store.set_best(self.best.clone());
+                }));
             }
         }
         let trainer = &*at.trainer;

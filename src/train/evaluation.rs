@@ -34,10 +34,6 @@ impl<B: Backend> Evaluation<B> {
         if spec.is_off() {
             return Ok(None);
         }
-        let clip_weights = spec
-            .clip_weights
-            .as_deref()
-            .or(job.text_encoder.weights.as_deref());
         let setup = EvalSetup {
             shards: &job.data.shards,
             inception_weights: &spec.inception_weights,
@@ -47,7 +43,7 @@ impl<B: Backend> Evaluation<B> {
         };
         let evaluator = Evaluator::open(
             &setup,
-            clip_scorer::<B>(clip_weights, device)?,
+            clip_scorer::<B>(job.eval_clip_weights(), device)?,
             collective,
             device,
         )?;

@@ -119,14 +119,14 @@ fn run<AB: AutodiffBackend>(
     collective: &dyn Collective,
     device: AB::Device,
 ) -> Result<TrainOutcome> {
-    let mut checkpointer = Checkpointer::open(job, world)?;
+    let checkpointer = Checkpointer::open(job, world)?;
     let end = stop_after.map_or(job.train.steps, |stop| stop.min(job.train.steps));
     let store = checkpointer.as_ref().map(Checkpointer::store);
     let mut trainer = Trainer::<AB>::new(job, resume, store, end, world, collective, device)?;
     // Every checkpoint is of a step ≥ 1, so a non-zero start is a resume (on every rank, also
     // those that received rank 0's checkpoint instead of reading one).
     let resumed_from = (trainer.start_step > 0).then_some(trainer.start_step);
-    if let Some(checkpointer) = checkpointer.as_mut() {
+    if let Some(checkpointer) = &checkpointer {
         checkpointer.continue_from(trainer.start_step)?;
     }
     let mut events = None;
