@@ -172,3 +172,12 @@ impl Error {
         }
     }
 }
+
+/// Writes `message` and a newline to stderr in one write. Rust's stderr is unbuffered and
+/// `eprintln!` writes each formatted piece apart, so under mpirun a rank that stops (and the
+/// `MPI_ABORT` that follows) could cut into another rank's message mid-line; every last word
+/// of a failing rank goes through here.
+pub fn eprint_whole_line(message: &str) {
+    let line = format!("{message}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+}

@@ -312,10 +312,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            // One write: stderr is unbuffered, and `eprintln!` writes each piece of the error
-            // chain apart, so under mpirun another rank's output could land mid-message.
-            let message = format!("error: {error:#}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), message.as_bytes());
+            ditrun::error::eprint_whole_line(&format!("error: {error:#}"));
             ExitCode::FAILURE
         }
     }
@@ -375,10 +372,10 @@ fn train_rank(
                 world.rank,
                 world.world_size
             );
-            eprintln!(
+            ditrun::error::eprint_whole_line(&format!(
                 "error: rank {} of {}: {error:#}",
                 world.rank, world.world_size
-            );
+            ));
             collective.abort(1)
         }
         Err(error) => Err(error.into()),

@@ -117,8 +117,8 @@ impl MpiCollective {
             if Instant::now() >= deadline {
                 let message = self.timeout_message(what, arrivals);
                 tracing::error!("{message}");
-                eprintln!("error: distributed: {message}");
-                eprintln!("{}", self.recorder.dump(self.rank, "timed out"));
+                crate::error::eprint_whole_line(&format!("error: distributed: {message}"));
+                crate::error::eprint_whole_line(&self.recorder.dump(self.rank, "timed out"));
                 self.abort(TIMEOUT_EXIT_CODE);
             }
             // Another rank's timeout ends the job through mpirun's SIGTERM, a second before
@@ -128,10 +128,10 @@ impl MpiCollective {
                 && signals::received().is_some()
             {
                 dumped = true;
-                eprintln!(
-                    "{}",
-                    self.recorder
-                        .dump(self.rank, "asked to stop while waiting in a collective")
+                crate::error::eprint_whole_line(
+                    &self
+                        .recorder
+                        .dump(self.rank, "asked to stop while waiting in a collective"),
                 );
             }
             // Spin briefly (collectives that are about to finish), then sleep so that a rank

@@ -130,7 +130,7 @@ fn watch_deadline(grace: Duration) {
         grace.as_secs_f64()
     );
     tracing::error!("{message}");
-    eprintln!("error: {message}");
+    crate::error::eprint_whole_line(&format!("error: {message}"));
     std::process::exit(signal.exit_code());
 }
 
